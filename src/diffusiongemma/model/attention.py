@@ -1,0 +1,153 @@
+"""Self-attention of the text stack and the two ways a forward pass attends.
+
+One attention module serves both modes; the mode is an argument, an object that knows the
+sequences in the packed batch and their caches:
+
+- `EncoderPass` (prompt prefill, canvas commit): causal, sliding layers limited to the window
+  (key k visible to query q iff 0 <= pos_q - pos_k < window), optional bidirectional runs of image
+  tokens, and it *writes* the new keys/values into each sequence's cache.
+- `DecoderPass` (a denoising step): every canvas query sees every cached key of that layer (the last
+  window-1 on sliding layers, the same window for all canvas queries, as the reference's sdpa path)
+  plus every canvas key; the cache is read, never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..config import TextConfig
+from .layers import RMSNorm, apply_rope, rms
+
+
+class Attention(nn.Module):
+    """q/k norms, weightless v norm, V = raw K on global layers (no v_proj), scale 1.0, GQA."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.layer_type = config.layer_types[layer]
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.layer_kv_heads(layer)
+        self.head_dim = config.layer_head_dim(layer)
+        self.eps = config.rms_norm_eps
+        d, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False) if config.layer_has_v_proj(layer) else None
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mode) -> torch.Tensor:
+        n = x.shape[0]
+        cos, sin = rope
+        q = apply_rope(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(n, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = rms(v_raw, self.eps).type_as(v_raw)
+        out = mode.attend(self.layer, self.layer_type, q, k, v)  # [N, H, d]
+        return self.o_proj(out.reshape(n, self.heads * self.head_dim))
+
+
+_CAUSAL = "causal"  # marker: plain causal attention over exactly the new tokens
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None) -> torch.Tensor:
+    """q [Lq, H, d], k/v [Hkv, T, d] -> [Lq, H, d]."""
+    causal = isinstance(mask, str)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=None if causal or mask is None else mask[None, None],
+        is_causal=causal,
+        scale=1.0, enable_gqa=k.shape[0] != q.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
+class _Pass:
+    def __init__(self, caches: Sequence[KVCache], lengths: Sequence[int]):
+        if len(caches) != len(lengths):
+            raise ValueError(f"{len(caches)} caches for {len(lengths)} sequences")
+        self.caches, self.lengths = list(caches), list(lengths)
+        self.starts = [0]
+        for n in self.lengths[:-1]:
+            self.starts.append(self.starts[-1] + n)
+
+    def _split(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[self.starts[i]:self.starts[i] + self.lengths[i]]
+
+
+class EncoderPass(_Pass):
+    """Causal pass that commits its tokens to the caches."""
+
+    layer_scalar = "encoder_layer_scalar"
+
+    def __init__(self, caches, lengths, positions: torch.Tensor, window: int,
+                 block_ids: torch.Tensor | None = None):
+        super().__init__(caches, lengths)
+        self.positions, self.window = positions, window
+        self.block_ids = block_ids
+        self._masks: dict[tuple[int, str], torch.Tensor | str] = {}
+
+    def _mask(self, i: int, layer: int, layer_type: str) -> torch.Tensor | str:
+        key = (i, layer_type)
+        if key not in self._masks:
+            cache = self.caches[i]
+            pq = self._split(self.positions, i)
+            past = cache.positions(layer)
+            if past.numel() == 0 and self.block_ids is None and (
+                    layer_type != "sliding_attention" or pq.shape[0] <= self.window):
+                # Plain causal: let SDPA use its causal kernel, as the reference does (same numerics).
+                self._masks[key] = _CAUSAL
+                return _CAUSAL
+            pk = torch.cat([past, pq])
+            delta = pq[:, None] - pk[None, :]
+            allowed = delta >= 0
+            if layer_type == "sliding_attention":
+                allowed &= delta < self.window
+            if self.block_ids is not None:
+                bq = self._split(self.block_ids, i)
+                bk = torch.cat([torch.full((pk.shape[0] - pq.shape[0],), -1, dtype=bq.dtype, device=bq.device), bq])
+                allowed |= (bq[:, None] == bk[None, :]) & (bq[:, None] >= 0)
+            self._masks[key] = allowed
+        return self._masks[key]
+
+    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        outs = []
+        for i, cache in enumerate(self.caches):
+            qi, ki, vi = (self._split(t, i) for t in (q, k, v))
+            past_k, past_v = cache.layer(layer)
+            mask = self._mask(i, layer, layer_type)
+            keys = torch.cat([past_k, ki.transpose(0, 1)], dim=1)
+            values = torch.cat([past_v, vi.transpose(0, 1)], dim=1)
+            outs.append(_sdpa(qi, keys, values, mask))
+            cache.append(layer, ki.transpose(0, 1), vi.transpose(0, 1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def finish(self) -> None:
+        for i, cache in enumerate(self.caches):
+            cache.advance(self._split(self.positions, i))
+
+
+class DecoderPass(_Pass):
+    """Bidirectional pass over canvases that reads the caches and never writes them."""
+
+    layer_scalar = "layer_scalar"
+
+    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        outs = []
+        for i, cache in enumerate(self.caches):
+            qi, ki, vi = (self._split(t, i) for t in (q, k, v))
+            past_k, past_v = cache.layer(layer)
+            keys = torch.cat([past_k, ki.transpose(0, 1)], dim=1)
+            values = torch.cat([past_v, vi.transpose(0, 1)], dim=1)
+            outs.append(_sdpa(qi, keys, values, None))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def finish(self) -> None:
+        pass

@@ -1,0 +1,158 @@
+"""The DiffusionGemma text model: one weight stack, run as a causal encoder or a bidirectional decoder.
+
+- `encode`: embeds tokens (or takes given embeddings, e.g. with image vectors placed), runs the stack
+  causally and commits keys/values to each sequence's cache. Used for the prompt and for every
+  finished canvas.
+- `decode`: embeds a canvas, adds the self-conditioning signal, runs the stack bidirectionally over
+  [cache ; canvas] without writing the cache, returns the final-normed hidden states.
+- `logits` / `soft_embedding`: the full-vocabulary head and self-conditioning embedding, the slow
+  obviously-correct path; the engine uses the fused vocabulary pass in `sampling.vocab` instead.
+
+Tokens are packed across sequences ([N] ids, [N, D] activations); `lengths` says how many belong to
+each cache. The module names match the checkpoint keys under `model.decoder.` (see `loader`).
+This file knows nothing of sampling, tokenisation or scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import TextConfig
+from .attention import Attention, DecoderPass, EncoderPass
+from .layers import Experts, GeGLU, RMSNorm, RotaryEmbedding, Router
+
+
+class TextLayer(nn.Module):
+    """Attention, then the dense GeGLU MLP in parallel with the top-k MoE, then `layer_scalar`."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_type = config.layer_types[layer]
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.mlp = GeGLU(d, config.intermediate_size)
+        self.post_feedforward_layernorm_1 = RMSNorm(d, eps)
+        self.router = Router(config)
+        self.pre_feedforward_layernorm_2 = RMSNorm(d, eps)
+        self.experts = Experts(config)
+        self.post_feedforward_layernorm_2 = RMSNorm(d, eps)
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+        # The checkpoint stores one scalar per mode (bit-identical in the release); keep both.
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, x: torch.Tensor, rope, mode) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope[self.layer_type], mode))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        weights, index = self.router(x)  # the router reads the un-normed residual
+        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), index, weights))
+        x = x + self.post_feedforward_layernorm(dense + moe)
+        return (x * getattr(self, mode.layer_scalar)).to(x.dtype)
+
+
+class SelfConditioning(GeGLU):
+    """post_norm(canvas_embeddings + GeGLU(pre_norm(soft_embedding))); post_norm has no weight."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__(config.hidden_size, config.intermediate_size)
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is None:  # first step: the signal is exactly zero (RMS(0) = 0, no biases)
+            return self.post_norm(embeds)
+        return self.post_norm(embeds + super().forward(self.pre_norm(soft)))
+
+
+class DiffusionGemmaText(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TextLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config, self.dtype, self.device)
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def embed_scale(self) -> torch.Tensor:
+        """sqrt(hidden) rounded to the weight dtype (bf16: 53.0 for 2816), as the reference does."""
+        return torch.tensor(self.config.embed_scale, dtype=torch.float32).to(self.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale()
+
+    # -- the two modes ---------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor | None, caches: Sequence[KVCache],
+               lengths: Sequence[int] | None = None, positions: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None, block_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass that commits the tokens to `caches`; returns final-normed hidden [N, D].
+
+        input_ids [N] (or inputs_embeds [N, D]) packed over the sequences; `lengths` per cache (default:
+        one sequence); `positions` default to continuing each cache; `block_ids` [N] mark runs of image
+        tokens that attend to each other bidirectionally (-1 for text).
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        lengths, positions = self._layout(caches, lengths, positions, x.shape[0])
+        mode = EncoderPass(caches, lengths, positions, self.config.sliding_window, block_ids)
+        x = self._stack(x, positions, mode)
+        mode.finish()
+        return x
+
+    def decode(self, canvas_ids: torch.Tensor, caches: Sequence[KVCache], soft_embeds: torch.Tensor | None = None,
+               lengths: Sequence[int] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over canvases reading `caches`; returns final-normed hidden [N, D].
+
+        soft_embeds [N, D]: the previous step's soft embedding (already scaled), or None on the first step.
+        """
+        x = self.self_conditioning(self.embed(canvas_ids), soft_embeds)
+        lengths, positions = self._layout(caches, lengths, positions, x.shape[0])
+        return self._stack(x, positions, DecoderPass(caches, lengths))
+
+    def _layout(self, caches, lengths, positions, n):
+        if lengths is None:
+            if len(caches) != 1:
+                raise ValueError("lengths are required when several caches share a forward")
+            lengths = [n]
+        if sum(lengths) != n:
+            raise ValueError(f"lengths sum to {sum(lengths)} but {n} tokens were given")
+        if positions is None:
+            positions = torch.cat([torch.arange(c.next_position, c.next_position + m, device=self.device)
+                                   for c, m in zip(caches, lengths)])
+        return lengths, positions
+
+    def _stack(self, x: torch.Tensor, positions: torch.Tensor, mode) -> torch.Tensor:
+        rope = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mode)
+        return self.norm(x)
+
+    # -- the vocabulary head (slow, full-logits reference path) ----------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head in the weight dtype, then fp32 softcap: cap * tanh(logits / cap)."""
+        cap = self.config.final_logit_softcapping
+        logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        return torch.tanh(logits / cap) * cap
+
+    def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) in fp32, cast to the weight dtype, times the embedding matrix and scale."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * self.embed_scale()
