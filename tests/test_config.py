@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from hf_utils import hf_config
 
 from diffusiongemma.config import ConfigError, GenerationConfig, ModelConfig, TextConfig
+from hf_utils import hf_config
 
 
 def write(tmp_path, d, name="config.json"):

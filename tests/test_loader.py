@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from hf_utils import make_hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
 import diffusiongemma as dg
 from diffusiongemma.config import release_config
 from diffusiongemma.loader import build_text_model, vision_shapes
+from hf_utils import make_hf_model, save_hf
 
 
 @pytest.fixture(scope="module")

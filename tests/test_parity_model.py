@@ -7,10 +7,10 @@ rounding: 0.05 absolute on logits bounded by the softcap of 30, i.e. a few bf16 
 
 import pytest
 import torch
-from hf_utils import make_hf_model, save_hf
 from transformers import DynamicCache
 
 import diffusiongemma as dg
+from hf_utils import make_hf_model, save_hf
 
 TOL = dict(atol=1e-5, rtol=0)
 
@@ -137,7 +137,7 @@ def test_left_padded_batch_of_three(tmp_path):
         enc = hf.model.encoder(input_ids=ids, attention_mask=mask.long(), past_key_values=cache_t)
         hidden = model.encode(ids[mask], caches, lengths=lens, positions=pos[mask])
         torch.testing.assert_close(hidden, enc.last_hidden_state[mask], **TOL)
-        for b, n in enumerate(lens):
+        for b in range(len(lens)):
             for i, layer in enumerate(cache_t.layers):
                 k, _ = caches[b].layer(i)
                 valid = mask[b, -layer.keys.shape[2]:]

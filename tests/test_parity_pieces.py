@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from hf_utils import make_hf_model
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as ref
 
 from diffusiongemma.cache import KVCache
@@ -10,6 +9,7 @@ from diffusiongemma.config import TextConfig
 from diffusiongemma.model.attention import Attention, DecoderPass, EncoderPass
 from diffusiongemma.model.layers import Experts, GeGLU, RMSNorm, RotaryEmbedding, Router, apply_rope
 from diffusiongemma.model.text import SelfConditioning
+from hf_utils import make_hf_model
 
 TOL = dict(atol=1e-5, rtol=0)
 

@@ -117,7 +117,7 @@ class TextConfig:
         return self.hidden_size**0.5
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | None = None, prefix: str = "text_config.") -> "TextConfig":
+    def from_dict(cls, d: dict[str, Any], source: str | None = None, prefix: str = "text_config.") -> TextConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"field '{prefix.rstrip('.')}'{_where(source)} must be an object")
         mt = d.get("model_type", "diffusion_gemma_text")
@@ -294,7 +294,7 @@ class VisionConfig:
     default_output_length: int = 280
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "VisionConfig":
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> VisionConfig:
         prefix = "vision_config."
         if not isinstance(d, dict):
             raise ConfigError(f"field 'vision_config'{_where(source)} must be an object")
@@ -335,7 +335,7 @@ class ModelConfig:
     dtype: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source or 'config'} must hold a JSON object")
         mt = d.get("model_type")
@@ -363,7 +363,7 @@ class ModelConfig:
         return cls(**kw)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(_read_json(path), str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -429,7 +429,7 @@ class GenerationConfig:
             bad("confidence_threshold", "must be > 0")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "GenerationConfig":
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> GenerationConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source or 'generation config'} must hold a JSON object")
         default = cls()
@@ -466,7 +466,7 @@ class GenerationConfig:
             raise ConfigError(f"{e}{_where(source) if source and source not in str(e) else ''}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GenerationConfig":
+    def from_file(cls, path: str | Path) -> GenerationConfig:
         return cls.from_dict(_read_json(path), str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -487,7 +487,7 @@ class GenerationConfig:
             d["bos_token_id"] = self.bos_token_id
         return d
 
-    def with_overrides(self, **kw) -> "GenerationConfig":
+    def with_overrides(self, **kw) -> GenerationConfig:
         return replace(self, **kw)
 
 

@@ -41,7 +41,7 @@ def init_reference_(model, std: float = 0.02, seed: int = 0) -> None:
     """The reference's initialisation: matrices ~ N(0, std), norm weights and scales 1, scalars 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim >= 2:
                 p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
             else:

@@ -1,0 +1,311 @@
+"""The generation engine: requests that each run the released sampler, batched step by step.
+
+Each engine `step()`:
+  1. drops cancelled requests (their caches are freed);
+  2. runs one packed encoder pass over every prompt waiting to be prefilled and every canvas waiting
+     to be committed (admitting new requests up to `max_batch`);
+  3. runs one packed decoder pass over the canvases of all denoising requests, then the fused
+     vocabulary pass, then each request's own sampler update (its temperature, bound, thresholds,
+     draws). A request whose canvas converged (or hit its step cap) commits the argmax canvas, cut
+     after its first stop id and at `max_tokens`, and either finishes or starts its next canvas.
+
+Requests finish independently: one that finishes leaves at once and a waiting one joins at the next
+step. Draws are keyed by (seed, canvas, step), so a request's random numbers do not depend on its
+batch. Bitwise, a library GEMM's rows depend on how many rows it multiplies, and the sampler's
+thresholds (acceptance bound, stop criterion) turn a last-bit difference into a different token now
+and then; so with `batch_invariant=True` (the default on CPU, where 256-row GEMMs already run at
+full speed) each request's forwards run with its own shapes inside the shared step, and its tokens
+are exactly those it gets alone. With `batch_invariant=False` (the default on GPU, where packing B
+canvases costs about as much as one) all canvases share one packed forward.
+Everything is reported as a stream of events (`CommitEvent`, and `DraftEvent` when asked).
+The engine speaks token ids only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache
+from ..config import GenerationConfig
+from ..model import DiffusionGemmaText
+from ..sampling.draws import INIT, RENOISE, Draws
+from ..sampling.sampler import entropy_bound_accept, finalize_canvas, stable_and_confident, temperature
+from ..sampling.vocab import vocab_pass
+from .request import (
+    CommitAction,
+    CommitEvent,
+    CommitHook,
+    DraftEvent,
+    Event,
+    RequestError,
+    RequestStats,
+    ResolvedParams,
+    SamplingParams,
+)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    stats: RequestStats
+    seed: int
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: ResolvedParams
+    draws: Draws
+    hook: CommitHook | None
+    stats: RequestStats
+    t_start: float
+    cache: KVCache | None = None
+    to_encode: list[int] = field(default_factory=list)  # prompt, then each committed canvas
+    canvas_index: int = 0
+    step: int = 0
+    canvas: torch.Tensor | None = None
+    soft: torch.Tensor | None = None
+    history: list[torch.Tensor] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemmaText, generation_config: GenerationConfig, canvas_length: int,
+                 max_batch: int = 8, vocab_chunk: int = 8192, max_context: int | None = None,
+                 batch_invariant: bool | None = None):
+        self.model = model
+        self.gen = generation_config
+        self.canvas_length = canvas_length
+        self.max_batch = max_batch
+        self.vocab_chunk = vocab_chunk
+        self.vocab_size = model.config.vocab_size
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.batch_invariant = model.device.type == "cpu" if batch_invariant is None else batch_invariant
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._cancel: set[str] = set()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, **kw) -> Engine:
+        return cls(checkpoint.model, checkpoint.generation_config, checkpoint.config.canvas_length, **kw)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
+            hook: CommitHook | None = None) -> str:
+        """Queue a request; returns its id. Raises RequestError naming a bad parameter."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        resolved = params.resolve(self.gen, seed)
+        if resolved.initial_canvas is not None:
+            ic = resolved.initial_canvas
+            if len(ic) != self.canvas_length or max(ic) >= self.vocab_size:
+                raise RequestError(f"initial_canvas must be {self.canvas_length} token ids below {self.vocab_size}")
+        need = len(prompt) + resolved.max_tokens + self.canvas_length
+        if need > self.max_context:
+            raise RequestError(f"prompt ({len(prompt)} tokens) plus max_tokens ({resolved.max_tokens}) exceeds the "
+                               f"context of {self.max_context} tokens")
+        rid = request_id or f"req-{next(self._ids)}"
+        req = _Request(rid, prompt, resolved, Draws(resolved.seed, self.model.device), hook,
+                       RequestStats(prompt_tokens=len(prompt)), time.perf_counter(), to_encode=list(prompt))
+        with self._lock:
+            self._waiting.append(req)
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancel.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._active)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the loop --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drop_cancelled(events)
+        self._admit()
+        self._encode_pending()
+        self._denoise(events)
+        return events
+
+    def stream(self) -> Iterator[Event]:
+        """Run steps until no request is left, yielding every event."""
+        while self.has_work():
+            yield from self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 hooks: Sequence[CommitHook | None] | None = None) -> list[Completion]:
+        """Generate for several prompts (batched, each finishing on its own); returns completions in order."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add(p, sp, hook=(hooks[i] if hooks else None)) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        reqs = {r.id: r for r in self._waiting if r.id in ids}
+        done: dict[str, Completion] = {}
+        for ev in self.stream():
+            if isinstance(ev, CommitEvent) and ev.finish_reason is not None and ev.request_id in reqs:
+                r = reqs[ev.request_id]
+                done[r.id] = Completion(r.id, r.prompt, list(r.generated), ev.finish_reason, r.stats, r.params.seed)
+        return [done[i] for i in ids]
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        with self._lock:
+            if not self._cancel:
+                return
+            cancel, self._cancel = self._cancel, set()
+            waiting = [r for r in self._waiting if r.id in cancel]
+            self._waiting = deque(r for r in self._waiting if r.id not in cancel)
+        for r in waiting + [r for r in self._active if r.id in cancel]:
+            self._finish(r, "cancelled", [], events)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._active) < self.max_batch:
+                req = self._waiting.popleft()
+                req.cache = self.model.new_cache()
+                self._active.append(req)
+
+    def _groups(self, batch: list[_Request]) -> list[list[_Request]]:
+        return [[r] for r in batch] if self.batch_invariant else [batch] if batch else []
+
+    def _encode_pending(self) -> None:
+        """Encoder passes: new prompts (prefill) and finished canvases (commit)."""
+        for group in self._groups([r for r in self._active if r.to_encode]):
+            self._encode_group(group)
+
+    def _encode_group(self, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        ids = torch.tensor([t for r in batch for t in r.to_encode], device=self.model.device)
+        self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
+        dt = time.perf_counter() - t0
+        for r in batch:
+            if r.stats.commit_forwards == 0:
+                r.stats.prefill_s = dt
+            r.stats.commit_forwards += 1
+            r.to_encode = []
+            self._new_canvas(r)
+
+    def _new_canvas(self, r: _Request) -> None:
+        L = self.canvas_length
+        if r.canvas_index == 0 and r.params.initial_canvas is not None:
+            r.canvas = torch.tensor(r.params.initial_canvas, device=self.model.device)
+        else:
+            r.canvas = r.draws.tokens(r.canvas_index, 0, INIT, L, self.vocab_size)
+        r.step, r.soft, r.history = 0, None, []
+
+    def _denoise(self, events: list[Event]) -> None:
+        for group in self._groups([r for r in self._active if r.canvas is not None and not r.to_encode]):
+            self._denoise_group(group, events)
+
+    def _denoise_group(self, batch: list[_Request], events: list[Event]) -> None:
+        L, model = self.canvas_length, self.model
+        canvases = torch.cat([r.canvas for r in batch])
+        soft = None
+        if any(r.soft is not None for r in batch):
+            zeros = torch.zeros(L, model.config.hidden_size, dtype=model.dtype, device=model.device)
+            soft = torch.cat([r.soft if r.soft is not None else zeros for r in batch])
+        hidden = model.decode(canvases, [r.cache for r in batch], soft, lengths=[L] * len(batch))
+
+        temps = [self._temperature(r) for r in batch]
+        temp_rows = torch.tensor(temps, dtype=torch.float32, device=model.device).repeat_interleave(L)
+        uniforms = torch.cat([r.draws.uniforms(r.canvas_index, r.step, L) for r in batch])
+        want_soft = any(r.step + 1 < r.params.max_denoising_steps for r in batch)
+        res = vocab_pass(hidden, model.embed_tokens.weight, model.config.final_logit_softcapping, temp_rows,
+                         uniforms, want_soft, model.embed_scale(), chunk=self.vocab_chunk)
+
+        for i, r in enumerate(batch):
+            rows = slice(i * L, (i + 1) * L)
+            self._update(r, temps[i], res.argmax[rows], res.entropy[rows], res.sample[rows],
+                         res.soft[rows] if res.soft is not None else None, events)
+
+    def _temperature(self, r: _Request) -> float:
+        p = r.params
+        return temperature(r.step, p.max_denoising_steps, p.t_min, p.t_max, p.schedule_steps)
+
+    def _update(self, r: _Request, temp: float, argmax, entropy, sample, soft, events: list[Event]) -> None:
+        p = r.params
+        accepted = entropy_bound_accept(entropy, p.entropy_bound)
+        noise = r.draws.tokens(r.canvas_index, r.step, RENOISE, self.canvas_length, self.vocab_size)
+        next_canvas = torch.where(accepted, sample, noise)
+        done = stable_and_confident(argmax, r.history, p.stability_threshold, float(entropy.mean()),
+                                    p.confidence_threshold)
+        r.history = (r.history + [argmax])[-max(p.stability_threshold, 1):]
+        r.step += 1
+        r.stats.decoder_forwards += 1
+        if p.draft:
+            events.append(DraftEvent(r.id, r.canvas_index, r.step - 1, temp, argmax, accepted, entropy,
+                                      done or r.step >= p.max_denoising_steps))
+        if done or r.step >= p.max_denoising_steps:
+            self._commit_canvas(r, argmax, events)
+        else:
+            r.canvas, r.soft = next_canvas, soft
+
+    def _commit_canvas(self, r: _Request, argmax: torch.Tensor, events: list[Event]) -> None:
+        p = r.params
+        r.stats.steps_per_canvas.append(r.step)
+        stop_ids = torch.tensor(p.stop_token_ids or [-1], device=argmax.device)
+        canvas, stop_at = finalize_canvas(argmax, stop_ids, self.gen.pad_token_id)
+        new = canvas[: stop_at + 1].tolist() if stop_at is not None else canvas.tolist()
+        reason = "stop" if stop_at is not None else None
+        room = p.max_tokens - len(r.generated)
+        if len(new) > room:
+            new, reason = new[:room], "length"
+        append: tuple[int, ...] = ()
+        if r.hook is not None and new:
+            action: CommitAction | None = r.hook(new)
+            if action is not None:
+                new = new[: action.keep]
+                append = tuple(action.append)[: max(room - len(new), 0)]
+                reason = action.finish_reason if action.finish_reason is not None else (
+                    reason if reason == "length" else None)
+        new = new + list(append)
+        r.generated.extend(new)
+        r.stats.completion_tokens = len(r.generated)
+        r.stats.counted_tokens += sum(1 for t in new if t != self.gen.pad_token_id)
+        if r.stats.ttft_s is None and new:
+            r.stats.ttft_s = time.perf_counter() - r.t_start
+        if reason is None and len(r.generated) >= p.max_tokens:
+            reason = "length"
+        canvas_no = r.canvas_index
+        r.canvas_index += 1
+        r.canvas = r.soft = None
+        if reason is not None:
+            self._finish(r, reason, new, events, canvas_no)
+        else:
+            r.to_encode = new  # committed by the encoder at the next step, then the next canvas starts
+            events.append(CommitEvent(r.id, canvas_no, new, None, r.stats))
+
+    def _finish(self, r: _Request, reason: str, new: list[int], events: list[Event], canvas_no: int | None = None):
+        r.stats.total_s = time.perf_counter() - r.t_start
+        if r.cache is not None:
+            r.cache.free()
+        if r in self._active:
+            self._active.remove(r)
+        events.append(CommitEvent(r.id, r.canvas_index if canvas_no is None else canvas_no, new, reason, r.stats))

@@ -1,0 +1,110 @@
+"""The vocabulary-sized work of a denoising step, without holding [canvas x vocab] fp32 logits.
+
+Per canvas position, from the decoder's final hidden state h and the tied embedding E:
+  logits = softcap(h . E^T)  (in the weight dtype, then fp32, as the reference), z = logits / T,
+  argmax(z), entropy of softmax(z), one categorical sample (inverse CDF at a given uniform), and the
+  self-conditioning soft embedding softmax(z) . E * embed_scale for the next step.
+
+`vocab_pass` walks E in chunks with an online softmax (like attention with Q = h, K = V = E): a running
+max, sum, sum of p*z and soft-embedding accumulator, rescaled when the max grows. The sample is drawn
+exactly: per-block sums locate the block holding u * total, and only that block's logits are
+recomputed. Peak extra memory is a few [rows x chunk] tensors (a few MB), never [rows x vocab].
+
+`vocab_pass_reference` materialises the full logits as the reference does; tests check they agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .sampler import entropy_from_logits, inverse_cdf_sample
+
+
+@dataclass
+class VocabResult:
+    argmax: torch.Tensor  # [M] long
+    entropy: torch.Tensor  # [M] fp32, of the temperature-scaled distribution
+    sample: torch.Tensor  # [M] long
+    soft: torch.Tensor | None  # [M, D] in the weight dtype, already times embed_scale
+
+
+def vocab_pass_reference(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps: torch.Tensor,
+                         uniforms: torch.Tensor, want_soft: bool, embed_scale: torch.Tensor) -> VocabResult:
+    """Full-logits path: what the reference computes, step by step."""
+    logits = torch.tanh(F.linear(hidden, weight).float() / softcap) * softcap
+    z = logits / temps[:, None]
+    probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+    soft = None
+    if want_soft:  # the reference casts the processed logits to the embedding dtype first
+        p = torch.softmax(z.to(weight.dtype), dim=-1, dtype=torch.float32).to(weight.dtype)
+        soft = (p @ weight) * embed_scale
+    return VocabResult(z.argmax(-1), entropy_from_logits(z), inverse_cdf_sample(probs, uniforms), soft)
+
+
+def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps: torch.Tensor,
+               uniforms: torch.Tensor, want_soft: bool, embed_scale: torch.Tensor,
+               chunk: int = 8192, block: int = 256) -> VocabResult:
+    """Chunked online pass over the vocabulary; same results as `vocab_pass_reference`."""
+    m, d = hidden.shape
+    v = weight.shape[0]
+    chunk = max(block, (min(chunk, v) // block) * block)
+    t = temps.float()[:, None]
+    dev = hidden.device
+
+    run_max = torch.full((m,), -math.inf, dtype=torch.float32, device=dev)
+    run_sum = torch.zeros(m, dtype=torch.float32, device=dev)
+    run_pz = torch.zeros(m, dtype=torch.float32, device=dev)
+    best = torch.full((m,), -math.inf, dtype=torch.float32, device=dev)
+    best_idx = torch.zeros(m, dtype=torch.long, device=dev)
+    soft_acc = torch.zeros(m, d, dtype=torch.float32, device=dev) if want_soft else None
+    block_sums, block_refs = [], []  # per chunk: [m, blocks] sums of exp(z - ref), and ref [m]
+
+    for start in range(0, v, chunk):
+        w = weight[start:start + chunk]
+        z = _scaled_logits(hidden, w, softcap, t)  # [m, c] fp32
+        cmax, cidx = z.max(dim=-1)
+        better = cmax > best
+        best = torch.where(better, cmax, best)
+        best_idx = torch.where(better, cidx + start, best_idx)
+        new_max = torch.maximum(run_max, cmax)
+        rescale = torch.exp(run_max - new_max)
+        p = torch.exp(z - new_max[:, None])
+        run_sum = run_sum * rescale + p.sum(-1)
+        run_pz = run_pz * rescale + (p * z).sum(-1)
+        if soft_acc is not None:
+            soft_acc.mul_(rescale[:, None]).add_((p.to(weight.dtype) @ w).float())
+        c = p.shape[1]
+        if c % block:
+            p = F.pad(p, (0, block - c % block))
+        block_sums.append(p.view(m, -1, block).sum(-1, dtype=torch.float64))
+        block_refs.append(new_max)
+        run_max = new_max
+
+    entropy = torch.log(run_sum) + run_max - run_pz / run_sum
+    # exact categorical draw: locate the block containing u * total, then the token inside it
+    blocks = torch.cat([s * torch.exp((r - run_max).double())[:, None] for s, r in zip(block_sums, block_refs)], 1)
+    cdf = torch.cumsum(blocks, dim=1)
+    target = uniforms.double() * cdf[:, -1]
+    bidx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
+    before = torch.where(bidx > 0, cdf.gather(1, (bidx - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
+    ids = (bidx * block)[:, None] + torch.arange(block, device=dev)
+    valid = ids < v
+    rows = weight[ids.clamp_max(v - 1)]  # [m, block, d]
+    zb = torch.tanh(torch.bmm(rows, hidden[:, :, None]).squeeze(-1).float() / softcap) * softcap / t
+    pb = torch.exp(zb - run_max[:, None]).double().masked_fill(~valid, 0.0)
+    inside = torch.searchsorted(before[:, None] + torch.cumsum(pb, 1), target[:, None], right=True).squeeze(1)
+    sample = (bidx * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
+
+    soft = None
+    if soft_acc is not None:
+        soft = (soft_acc / run_sum[:, None]).to(weight.dtype) * embed_scale
+    return VocabResult(best_idx, entropy, sample, soft)
+
+
+def _scaled_logits(hidden, w, softcap, t):
+    # logits in the weight dtype (the reference's LM head output), softcap in fp32, then / T
+    return torch.tanh(F.linear(hidden, w).float() / softcap) * softcap / t

@@ -1,0 +1,250 @@
+"""The engine: equal to the slow reference generator and to transformers' generate (with the same
+draws injected), requests that finish on their own, exact max_tokens, events, cancellation."""
+
+import pytest
+import torch
+
+import diffusiongemma as dg
+from diffusiongemma.engine import (
+    CommitAction,
+    CommitEvent,
+    DraftEvent,
+    Engine,
+    RequestError,
+    SamplingParams,
+    reference_generate,
+)
+from diffusiongemma.sampling.draws import INIT, RENOISE, Draws
+from diffusiongemma.sampling.sampler import inverse_cdf_sample
+from hf_utils import make_hf_model, save_hf
+
+STOPS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A damped random model with peaked outputs (see hf_utils.make_hf_model), canvas 16."""
+    hf = make_hf_model(0, logit_gain=8.0, sc_gain=0.1)
+    path = save_hf(hf, tmp_path_factory.mktemp("eng") / "m", generation={"eos_token_id": STOPS})
+    return hf, dg.load(path)
+
+
+def test_engine_equals_reference_generator(pair):
+    _, ck = pair
+    for seed in range(4):
+        sp = SamplingParams(max_tokens=64, seed=seed)
+        out = Engine.from_checkpoint(ck).generate([[5, 6, 7, 8]], sp)[0]
+        want, reason = reference_generate(ck.model, [5, 6, 7, 8], sp.resolve(ck.generation_config, seed), 16)
+        assert out.token_ids == want and out.finish_reason == reason
+
+
+def test_tokens_do_not_depend_on_the_batch(pair):
+    _, ck = pair
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [20]]
+    params = [SamplingParams(max_tokens=48, seed=s) for s in (11, 12, 13, 14)]
+    alone = [Engine.from_checkpoint(ck).generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    batched = Engine.from_checkpoint(ck, max_batch=4).generate(prompts, params)
+    assert [c.token_ids for c in batched] == alone
+    # different steps per canvas inside one batch: the requests really ran side by side
+    assert len({tuple(c.stats.steps_per_canvas) for c in batched}) > 1
+
+
+def test_requests_finish_independently_and_join_late(pair):
+    _, ck = pair
+    eng = Engine.from_checkpoint(ck, max_batch=2)
+    short = eng.add([5, 6], SamplingParams(max_tokens=16, seed=1))
+    long_ = eng.add([7, 8], SamplingParams(max_tokens=64, seed=2, stop_token_ids=()))
+    late = eng.add([9], SamplingParams(max_tokens=16, seed=3))
+    finished_at, step = {}, 0
+    while eng.has_work():
+        for ev in eng.step():
+            if isinstance(ev, CommitEvent) and ev.finish_reason:
+                finished_at[ev.request_id] = step
+        if late not in finished_at and step < 200:
+            # the late request is admitted only once the short one has left
+            assert eng.num_active <= 2
+        step += 1
+    assert finished_at[short] < finished_at[late] < finished_at[long_]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 16, 17, 40])
+def test_max_tokens_is_exact(pair, max_tokens):
+    _, ck = pair
+    out = Engine.from_checkpoint(ck).generate([[5, 6]], SamplingParams(max_tokens=max_tokens, seed=0,
+                                                                        stop_token_ids=()))[0]
+    assert len(out.token_ids) == max_tokens and out.finish_reason == "length"
+    assert out.stats.completion_tokens == max_tokens
+
+
+def test_stop_id_inside_a_canvas(pair):
+    _, ck = pair
+    out = None
+    for seed in range(20):
+        out = Engine.from_checkpoint(ck).generate([[5, 6, 7]], SamplingParams(max_tokens=200, seed=seed))[0]
+        if out.finish_reason == "stop" and len(out.token_ids) % 16 not in (0,):
+            break
+    assert out.finish_reason == "stop" and out.token_ids[-1] in STOPS
+    assert not any(t in STOPS for t in out.token_ids[:-1])
+
+
+def test_events_stream_and_statistics(pair):
+    _, ck = pair
+    eng = Engine.from_checkpoint(ck)
+    rid = eng.add([5, 6, 7], SamplingParams(max_tokens=40, seed=4, draft=True, stop_token_ids=()))
+    events = list(eng.stream())
+    drafts = [e for e in events if isinstance(e, DraftEvent)]
+    commits = [e for e in events if isinstance(e, CommitEvent)]
+    assert [len(c.token_ids) for c in commits] == [16, 16, 8]
+    assert commits[-1].finish_reason == "length" and all(c.finish_reason is None for c in commits[:-1])
+    stats = commits[-1].stats
+    assert stats.decoder_forwards == len(drafts) == sum(stats.steps_per_canvas)
+    assert stats.commit_forwards == 3  # prefill + two commits (the last canvas is not re-encoded)
+    assert stats.tokens_per_forward == pytest.approx(40 / stats.decoder_forwards)
+    assert stats.ttft_s is not None and stats.ttft_s <= stats.total_s
+    d = drafts[0]
+    assert d.request_id == rid and d.step == 0 and d.argmax.shape == (16,) and d.accepted.dtype == torch.bool
+    assert d.temperature == pytest.approx(0.8) and d.entropy.shape == (16,)
+    # a plain request emits no drafts
+    eng.add([5], SamplingParams(max_tokens=4, seed=1))
+    assert not any(isinstance(e, DraftEvent) for e in eng.stream())
+
+
+def test_cancel_frees_the_request(pair):
+    _, ck = pair
+    eng = Engine.from_checkpoint(ck)
+    rid = eng.add([5, 6, 7], SamplingParams(max_tokens=64, seed=4, stop_token_ids=()))
+    eng.step()
+    eng.step()
+    cache = eng._active[0].cache
+    assert cache.nbytes() > 0
+    eng.cancel(rid)
+    events = eng.step()
+    assert [e.finish_reason for e in events] == ["cancelled"]
+    assert cache.nbytes() == 0 and not eng.has_work()
+
+
+def test_commit_hook_can_cut_and_finish(pair):
+    _, ck = pair
+    hook = lambda ids: CommitAction(keep=3, finish_reason="stop")  # noqa: E731
+    out = Engine.from_checkpoint(ck).generate([[5, 6]], SamplingParams(max_tokens=64, seed=0), hooks=[hook])[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "stop"
+
+
+def test_initial_canvas_and_per_request_settings(pair):
+    _, ck = pair
+    canvas = tuple(range(10, 26))
+    a = Engine.from_checkpoint(ck).generate([[5]], SamplingParams(max_tokens=16, seed=0, initial_canvas=canvas,
+                                                                  max_denoising_steps=1))[0]
+    b = Engine.from_checkpoint(ck).generate([[5]], SamplingParams(max_tokens=16, seed=0, max_denoising_steps=1))[0]
+    assert a.token_ids != b.token_ids
+    p = SamplingParams(max_tokens=16, seed=0, max_denoising_steps=3, t_max=1.5, t_min=1.0, entropy_bound=5.0)
+    out = Engine.from_checkpoint(ck).generate([[5]], p)[0]
+    assert out.stats.steps_per_canvas[0] <= 3
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_tokens=0), "max_tokens"), (dict(t_max=0.3, t_min=0.5), "t_max"), (dict(entropy_bound=-1.0), "entropy"),
+    (dict(max_denoising_steps=2.5), "max_denoising_steps"), (dict(seed="x"), "seed"),
+])
+def test_bad_parameters_are_named(kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_bad_prompts_are_rejected(pair):
+    _, ck = pair
+    eng = Engine.from_checkpoint(ck, max_context=100)
+    with pytest.raises(RequestError, match="empty"):
+        eng.add([])
+    with pytest.raises(RequestError, match="token ids must be in"):
+        eng.add([5, 99])
+    with pytest.raises(RequestError, match="exceeds the context"):
+        eng.add([5] * 50, SamplingParams(max_tokens=64))
+    assert not eng.has_work()
+
+
+class InjectedDraws:
+    """Replace the reference generate's random calls by our keyed draws, one source per batch row,
+    keyed by (canvas, executed step) exactly as the engine keys them."""
+
+    def __init__(self, seeds, canvas_length, vocab_size, steps):
+        self.draws = [Draws(s) for s in seeds]
+        self.L, self.V, self.N = canvas_length, vocab_size, steps
+        self.canvas, self.step, self.mode = -1, 0, "init"
+
+    def install(self, monkeypatch):
+        from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
+
+        inj = self
+        orig_prepare = gen.DiffusionGemmaGenerationMixin._prepare_denoiser_inputs
+        orig_step = gen.DiffusionGemmaGenerationMixin._denoising_step
+
+        def prepare(self_, *a, **k):
+            inj.canvas, inj.step, inj.mode = inj.canvas + 1, 0, "init"
+            return orig_prepare(self_, *a, **k)
+
+        def step(self_, *a, cur_step, **k):
+            inj.step, inj.mode = inj.N - cur_step, "renoise"
+            return orig_step(self_, *a, cur_step=cur_step, **k)
+
+        def initialize_canvas(self_, batch_size, device):
+            purpose, step = (INIT, 0) if inj.mode == "init" else (RENOISE, inj.step)
+            return torch.stack([d.tokens(inj.canvas, step, purpose, inj.L, inj.V) for d in inj.draws])
+
+        def multinomial(probs, num_samples):
+            assert num_samples == 1
+            u = torch.cat([d.uniforms(inj.canvas, inj.step, inj.L) for d in inj.draws])
+            return inverse_cdf_sample(probs, u)[:, None]
+
+        monkeypatch.setattr(gen.DiffusionGemmaGenerationMixin, "_prepare_denoiser_inputs", prepare)
+        monkeypatch.setattr(gen.DiffusionGemmaGenerationMixin, "_denoising_step", step)
+        monkeypatch.setattr(gen.EntropyBoundSampler, "initialize_canvas", initialize_canvas)
+        monkeypatch.setattr(gen.torch, "multinomial", multinomial)
+
+
+def test_engine_equals_transformers_generate(pair, monkeypatch):
+    """End to end against DiffusionGemmaForBlockDiffusion.generate: a left-padded batch of three,
+    several canvases, a stop id inside a canvas, rows finishing at different canvases."""
+    hf, ck = pair
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    seeds = [0, 7, 3]
+    L, N, canvases = 16, 48, 4
+    InjectedDraws(seeds, L, 99, N).install(monkeypatch)
+    S = max(map(len, prompts))
+    ids = torch.tensor([[0] * (S - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=canvases * L)
+    want = []
+    for row in out.sequences[:, S:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in STOPS), None)
+        want.append(row[: stop + 1] if stop is not None else row)
+    got = Engine.from_checkpoint(ck, max_batch=3).generate(
+        prompts, [SamplingParams(max_tokens=canvases * L, seed=s) for s in seeds])
+    assert [g.token_ids for g in got] == want
+    lengths = [len(w) for w in want]
+    assert any(n % L != 0 for n in lengths)  # a stop id inside a canvas
+    assert max(lengths) > 2 * L  # at least one row ran more than two canvases
+    assert len(set((n - 1) // L for n in lengths)) > 1  # rows finished in different canvases
+
+
+def test_packed_forwards_agree_with_per_request_forwards(pair):
+    """batch_invariant=False packs all canvases into one forward: same numbers up to rounding."""
+    _, ck = pair
+    model = ck.model
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    caches = [model.new_cache() for _ in prompts]
+    with torch.no_grad():
+        model.encode(torch.tensor(sum(prompts, [])), caches, lengths=[len(p) for p in prompts])
+        solo = [model.new_cache() for _ in prompts]
+        for p, c in zip(prompts, solo):
+            model.encode(torch.tensor(p), [c])
+        canvas = torch.randint(0, 99, (3 * 16,))
+        packed = model.decode(canvas, caches, lengths=[16] * 3)
+        alone = torch.cat([model.decode(canvas[16 * i:16 * (i + 1)], [c]) for i, c in enumerate(solo)])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    eng = Engine.from_checkpoint(ck, max_batch=3, batch_invariant=False)
+    out = eng.generate(prompts, [SamplingParams(max_tokens=16, seed=s, max_denoising_steps=4) for s in (1, 2, 3)])
+    ref = [Engine.from_checkpoint(ck).generate([p], SamplingParams(max_tokens=16, seed=s, max_denoising_steps=4))[0]
+           for p, s in zip(prompts, (1, 2, 3))]
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
