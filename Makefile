@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup test lint clean
+.PHONY: setup test lint demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(VENV)/.installed-$(EXTRAS)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+demo:
+	$(MAKE) setup EXTRAS=text
+	$(BIN)/python examples/generate_ids.py
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -91,13 +91,15 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
     target = uniforms.double() * cdf[:, -1]
     bidx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
     before = torch.where(bidx > 0, cdf.gather(1, (bidx - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
-    ids = (bidx * block)[:, None] + torch.arange(block, device=dev)
-    valid = ids < v
-    rows = weight[ids.clamp_max(v - 1)]  # [m, block, d]
-    zb = torch.tanh(torch.bmm(rows, hidden[:, :, None]).squeeze(-1).float() / softcap) * softcap / t
-    pb = torch.exp(zb - run_max[:, None]).double().masked_fill(~valid, 0.0)
-    inside = torch.searchsorted(before[:, None] + torch.cumsum(pb, 1), target[:, None], right=True).squeeze(1)
-    sample = (bidx * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
+    sample = torch.empty(m, dtype=torch.long, device=dev)
+    for r0 in range(0, m, 16):  # recompute each row's block, 16 rows at a time (a few MB)
+        rs = slice(r0, r0 + 16)
+        ids = (bidx[rs] * block)[:, None] + torch.arange(block, device=dev)
+        rows = weight[ids.clamp_max(v - 1)]  # [16, block, d]
+        zb = torch.tanh(torch.bmm(rows, hidden[rs, :, None]).squeeze(-1).float() / softcap) * softcap / t[rs]
+        pb = torch.exp(zb - run_max[rs, None]).double().masked_fill(ids >= v, 0.0)
+        inside = torch.searchsorted(before[rs, None] + torch.cumsum(pb, 1), target[rs, None], right=True).squeeze(1)
+        sample[rs] = (bidx[rs] * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
 
     soft = None
     if soft_acc is not None:
