@@ -12,3 +12,40 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer with the release's special tokens, trained in seconds on task text."""
+    from diffusiongemma.training import tasks
+    from diffusiongemma.training.recipe import Recipe, tokenizer_texts
+    from diffusiongemma.training.tokenizer import save_tokenizer, train_tokenizer
+
+    passages = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+                "Naïve café déjà vu — emoji 🎉🚀 and CJK 日本語の文章 and accents àéîõü."] * 50
+    texts = tokenizer_texts(Recipe(tokenizer_samples=60), passages)
+    path = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_tokenizer(texts, 800), path)
+    assert tasks.FAMILIES
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(small_tokenizer_dir, tmp_path_factory):
+    """A random tiny checkpoint with that tokenizer and the chat template: a complete model directory."""
+    import shutil
+
+    from diffusiongemma.bench.checkpoints import random_model, size_config
+    from diffusiongemma.config import GenerationConfig, ModelConfig, TextConfig
+    from diffusiongemma.loader import save
+    from diffusiongemma.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(small_tokenizer_dir)
+    base = size_config("tiny")
+    text = TextConfig.from_dict({**base.text.to_dict(), "vocab_size": tok.vocab_size})
+    config = ModelConfig(text=text, canvas_length=16, eos_token_id=(1, 106, 50))
+    path = tmp_path_factory.mktemp("tm") / "model"
+    save(random_model(config, torch.float32), config, GenerationConfig(eos_token_id=(1, 106, 50)), path)
+    for f in small_tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path

@@ -151,3 +151,59 @@ class DecoderPass(_Pass):
 
     def finish(self) -> None:
         pass
+
+
+class BatchEncoderPass:
+    """Causal pass over a right-padded batch [B, S] that keeps each layer's keys/values (with their
+    gradients) instead of writing caches: the training encoder. `valid` [B, S] marks real tokens."""
+
+    layer_scalar = "encoder_layer_scalar"
+
+    def __init__(self, valid: torch.Tensor, window: int):
+        self.b, self.s = valid.shape
+        idx = torch.arange(self.s, device=valid.device)
+        delta = idx[:, None] - idx[None, :]
+        causal = (delta >= 0)[None] & valid[:, None, :]
+        self.masks = {"full_attention": causal[:, None],
+                      "sliding_attention": (causal & (delta < window)[None])[:, None]}
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        b, s = self.b, self.s
+        q, k, v = (t.view(b, s, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # [B, H, S, d]
+        self.kv[layer] = (k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[layer_type], scale=1.0,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * s, *out.shape[-3:-2], out.shape[-1])
+
+    def finish(self) -> None:
+        pass
+
+
+class BatchDecoderPass:
+    """Bidirectional pass over canvases [B, L] reading a BatchEncoderPass's keys/values: row b sees its
+    first `context[b]` encoder tokens (the last window-1 of them on sliding layers, as at inference)
+    and its whole canvas. The training decoder."""
+
+    layer_scalar = "layer_scalar"
+
+    def __init__(self, encoder: BatchEncoderPass, context: torch.Tensor, canvas_length: int, window: int):
+        self.enc, self.b, self.l = encoder, encoder.b, canvas_length
+        idx = torch.arange(encoder.s, device=context.device)
+        full = idx[None, :] < context[:, None]  # [B, S]
+        sliding = full & (idx[None, :] >= (context - (window - 1))[:, None])
+        ones = torch.ones(self.b, canvas_length, dtype=torch.bool, device=context.device)
+        self.masks = {t: torch.cat([m, ones], 1)[:, None, None, :] for t, m in
+                      (("full_attention", full), ("sliding_attention", sliding))}
+
+    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        b, n = self.b, self.l
+        q, k, v = (t.view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        ek, ev = self.enc.kv[layer]
+        out = F.scaled_dot_product_attention(q, torch.cat([ek, k], 2), torch.cat([ev, v], 2),
+                                             attn_mask=self.masks[layer_type], scale=1.0,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(b * n, *out.shape[-3:-2], out.shape[-1])
+
+    def finish(self) -> None:
+        pass

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..cache import KVCache
@@ -113,7 +114,7 @@ class DiffusionGemmaText(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         lengths, positions = self._layout(caches, lengths, positions, x.shape[0])
         mode = EncoderPass(caches, lengths, positions, self.config.sliding_window, block_ids)
-        x = self._stack(x, positions, mode)
+        x = self.forward_tokens(x, positions, mode)
         mode.finish()
         return x
 
@@ -125,7 +126,7 @@ class DiffusionGemmaText(nn.Module):
         """
         x = self.self_conditioning(self.embed(canvas_ids), soft_embeds)
         lengths, positions = self._layout(caches, lengths, positions, x.shape[0])
-        return self._stack(x, positions, DecoderPass(caches, lengths))
+        return self.forward_tokens(x, positions, DecoderPass(caches, lengths))
 
     def _layout(self, caches, lengths, positions, n):
         if lengths is None:
@@ -139,10 +140,15 @@ class DiffusionGemmaText(nn.Module):
                                    for c, m in zip(caches, lengths)])
         return lengths, positions
 
-    def _stack(self, x: torch.Tensor, positions: torch.Tensor, mode) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, mode, checkpoint: bool = False) -> torch.Tensor:
+        """Run the stack over packed token embeddings x [N, D] at `positions`, attending as `mode` says
+        (an EncoderPass/DecoderPass over caches, or a Batch*Pass for training). Returns the final norm."""
         rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, mode)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mode, use_reentrant=False)
+            else:
+                x = layer(x, rope, mode)
         return self.norm(x)
 
     # -- the vocabulary head (slow, full-logits reference path) ----------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .noise import uniform_tokens
+
 INIT, SAMPLE, RENOISE = 1, 2, 3
 _MASK = (1 << 64) - 1
 
@@ -45,8 +47,7 @@ class Draws:
 
     def tokens(self, canvas: int, step: int, purpose: int, n: int, vocab_size: int) -> torch.Tensor:
         """n tokens uniform over [0, vocab_size) (the initial canvas, or re-noising)."""
-        g = self.generator(canvas, step, purpose)
-        return torch.randint(0, vocab_size, (n,), generator=g, device=self.device)
+        return uniform_tokens((n,), vocab_size, self.generator(canvas, step, purpose), self.device)
 
     def uniforms(self, canvas: int, step: int, n: int) -> torch.Tensor:
         """n float64 uniforms in [0, 1): one per canvas position, for inverse-CDF sampling."""

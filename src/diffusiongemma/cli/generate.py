@@ -1,0 +1,95 @@
+"""`diffusiongemma generate`: one answer to a prompt or to chat messages from a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import (
+    CLIError,
+    add_model_args,
+    add_sampler_args,
+    load_text_model,
+    run_cli,
+    run_request,
+    sampling_params,
+)
+
+
+def _read_json(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CLIError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise CLIError(f"the {what} file {path} is not valid JSON: {e}") from None
+
+
+def _main(argv) -> int:
+    from ..engine import Engine
+    from ..text.stream import TextStream
+
+    ap = argparse.ArgumentParser(prog="diffusiongemma generate", description=__doc__)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("prompt", nargs="?", help="the user's message (read from stdin if absent)")
+    src.add_argument("--messages", help="JSON file with a list of chat messages (OpenAI format)")
+    ap.add_argument("--system", help="system prompt")
+    ap.add_argument("--tools", help="JSON file with a list of tool (function) declarations")
+    ap.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    ap.add_argument("--json", action="store_true", help="print one JSON object with text and statistics")
+    add_model_args(ap)
+    add_sampler_args(ap)
+    a = ap.parse_args(argv)
+
+    tools = _read_json(a.tools, "tools") if a.tools else None
+    if a.messages:
+        messages = _read_json(a.messages, "messages")
+        if not isinstance(messages, list):
+            raise CLIError(f"the messages file {a.messages} must hold a JSON list of messages")
+    else:
+        prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+        if not prompt.strip():
+            raise CLIError("empty prompt")
+        messages = [{"role": "user", "content": prompt}]
+    if a.system and not a.raw:
+        messages = [{"role": "system", "content": a.system}] + messages
+
+    tm = load_text_model(a)
+    ids = tm.text_ids(messages[-1]["content"]) if a.raw else tm.chat_ids(messages, tools, a.think)
+    engine = Engine.from_checkpoint(tm.checkpoint)
+    stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
+    live = not a.json
+
+    def show(deltas):
+        if not live:
+            return
+        for d in deltas:
+            if d.kind == "reasoning":
+                sys.stdout.write(f"\x1b[2m{d.text}\x1b[0m" if sys.stdout.isatty() else d.text)
+            elif d.kind == "content":
+                sys.stdout.write(d.text)
+            elif d.kind == "tool_call":
+                sys.stdout.write(f"\n[tool call] {d.call.name}({d.call.arguments_json()})\n")
+            else:
+                sys.stdout.write(f"\n[invalid tool call: {d.error}]\n")
+        sys.stdout.flush()
+
+    reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas, on_deltas=show)
+    if a.json:
+        out = {"text": stream.content, "reasoning": stream.reasoning,
+               "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in stream.calls],
+               "tool_call_errors": [e.error for e in stream.errors], "finish_reason": reason,
+               "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+               "stats": stats.as_dict()}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{reason}] {stats.completion_tokens} tokens, {stats.decoder_forwards} decoder forwards, "
+              f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.total_s:.2f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("diffusiongemma generate", _main, argv)

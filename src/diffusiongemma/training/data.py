@@ -1,0 +1,109 @@
+"""Training data: task mixtures and chat-format JSONL, rendered with the chat template into
+(prompt ids, response ids) pairs. Batches are a function of (seed, step), so a resumed run sees
+exactly the data the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..sampling.draws import key_seed
+from ..text.chat import ChatTemplate, normalize_messages, validate_tools
+from ..text.syntax import format_call
+from ..text.tokenizer import CALL_CLOSE, CALL_OPEN, CHANNEL_CLOSE, CHANNEL_OPEN, RESPONSE_OPEN, TURN_CLOSE, Tokenizer
+from . import tasks
+
+
+class DataError(ValueError):
+    pass
+
+
+def render_turn(template: ChatTemplate, tok: Tokenizer, turn: tasks.Turn) -> tuple[list[int], list[int]]:
+    prompt = template.render(normalize_messages(turn.messages), turn.tools, add_generation_prompt=True,
+                             enable_thinking=turn.thinking)
+    return tok.encode(prompt), tok.encode(turn.target)
+
+
+class TaskMixture:
+    """Weighted mixture of task families (and text passages)."""
+
+    def __init__(self, tok: Tokenizer, template: ChatTemplate, weights: dict[str, float],
+                 passages: Sequence[str] | None = None, seed: int = 0, max_tokens: int = 512):
+        unknown = set(weights) - set(tasks.GENERATORS) - {"text"}
+        if unknown:
+            raise DataError(f"unknown task families {sorted(unknown)}")
+        if weights.get("text") and not passages:
+            raise DataError("the text family needs passages (the corpus)")
+        self.tok, self.template, self.passages = tok, template, list(passages or [])
+        self.families = [f for f in weights if weights[f] > 0]
+        self.weights = [weights[f] for f in self.families]
+        self.seed, self.max_tokens = seed, max_tokens
+
+    def batch(self, step: int, size: int) -> list[tuple[list[int], list[int]]]:
+        rng = random.Random(key_seed(self.seed, step, 0, 7))
+        out = []
+        while len(out) < size:
+            family = rng.choices(self.families, self.weights)[0]
+            ex = tasks.make_example(family, rng.randrange(tasks.TRAIN_SEEDS.stop), self.passages)
+            prompt, response = render_turn(self.template, self.tok, rng.choice(ex.turns))
+            if len(prompt) + len(response) <= self.max_tokens:
+                out.append((prompt, response))
+        return out
+
+
+def assistant_target(message: dict, thinking: bool) -> str:
+    """What the model writes for an assistant message: optional thought, content, tool calls, and the
+    stop marker (`<|tool_response>` after calls, which hands control to the tools; else `<turn|>`)."""
+    out = ""
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or message.get("thinking")
+    if thinking and reasoning:
+        out += f"{CHANNEL_OPEN}thought\n{reasoning}{CHANNEL_CLOSE}"
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    out += (content or "").strip()
+    calls = message.get("tool_calls") or []
+    for c in calls:
+        f = c["function"]
+        out += CALL_OPEN + format_call(f["name"], f["arguments"]) + CALL_CLOSE
+    return out + (RESPONSE_OPEN if calls else TURN_CLOSE)
+
+
+class JsonlData:
+    """Chat-format JSONL: one object per line with `messages` (OpenAI shape), optional `tools` and
+    `enable_thinking`. Every assistant message becomes a turn to learn, its prompt being everything
+    before it rendered with the generation prompt."""
+
+    def __init__(self, path: str | Path, tok: Tokenizer, template: ChatTemplate, seed: int = 0,
+                 max_tokens: int = 1024):
+        self.pairs: list[tuple[list[int], list[int]]] = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise DataError(f"{path}:{n}: each line needs a 'messages' list")
+            thinking = bool(obj.get("enable_thinking"))
+            tools = validate_tools(obj.get("tools"))
+            raw = obj["messages"]
+            msgs = normalize_messages(raw)
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                prompt = template.render(msgs[:i], tools, add_generation_prompt=True, enable_thinking=thinking)
+                p, r = tok.encode(prompt), tok.encode(assistant_target({**raw[i], **m}, thinking))
+                if len(p) + len(r) <= max_tokens:
+                    self.pairs.append((p, r))
+        if not self.pairs:
+            raise DataError(f"{path}: no assistant turns to learn")
+        self.seed = seed
+
+    def batch(self, step: int, size: int) -> list[tuple[list[int], list[int]]]:
+        rng = random.Random(key_seed(self.seed, step, 0, 8))
+        return [rng.choice(self.pairs) for _ in range(size)]

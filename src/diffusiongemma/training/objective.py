@@ -1,0 +1,148 @@
+"""The training objective the community converged on (reference-architecture.md section 4).
+
+Per example: the response is chunked into canvases, the last filled with the end token (scored);
+one canvas is chosen, t ~ U(eps, 1), each of its tokens replaced with probability t by a uniform
+random token (`sampling.noise`, the sampler's own noise). The encoder reads the prompt and the
+response causally; the decoder sees the prompt and the clean earlier canvases only, plus the noisy
+canvas. Losses:
+
+- diffusion: cross-entropy of the clean tokens of the chosen canvas; variants `base` (default),
+  `reweighted` (times 1/(1 - t), optionally clipped) and `loo` (leave-one-out: add
+  log(1 + K (1-t)/t) to the logit of each position's observed noisy token, K = vocabulary size);
+- autoregressive: next-token cross-entropy of the encoder pass over prompt + response, with its own
+  weight, averaged per example over positions whose token and next token are both real;
+- two-pass self-conditioning with probability p per example: a first decoder pass without
+  gradient, whose probabilities condition the second (examples without it get an exact zero signal).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import DiffusionGemmaText
+from ..model.attention import BatchDecoderPass, BatchEncoderPass
+from ..sampling.noise import corrupt, sample_time
+
+VARIANTS = ("base", "reweighted", "loo")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    canvas_length: int
+    loss: str = "base"
+    ar_weight: float = 1.0
+    self_cond_prob: float = 0.5
+    t_eps: float = 1e-3
+    reweight_clip: float | None = 10.0
+    ar_scope: str = "all"  # "all": prompt and response (the reference); "response": response tokens only
+
+    def __post_init__(self):
+        if self.loss not in VARIANTS:
+            raise ValueError(f"loss must be one of {VARIANTS}, got {self.loss!r}")
+        if self.ar_scope not in ("all", "response"):
+            raise ValueError(f"ar_scope must be 'all' or 'response', got {self.ar_scope!r}")
+
+
+@dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [B, S] prompt + response canvases, right-padded
+    valid: torch.Tensor  # [B, S] bool
+    context: torch.Tensor  # [B] tokens the chosen canvas may read (prompt + earlier canvases)
+    canvas: torch.Tensor  # [B, L] clean tokens of the chosen canvas
+    prompt_len: torch.Tensor  # [B]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.valid.sum()) + self.canvas.numel()
+
+
+def chunk_response(response: list[int], canvas_length: int, end_id: int) -> list[list[int]]:
+    """Canvases of the response; the last one filled with `end_id` up to the canvas length."""
+    n = max(1, math.ceil(len(response) / canvas_length))
+    padded = response + [end_id] * (n * canvas_length - len(response))
+    return [padded[i * canvas_length:(i + 1) * canvas_length] for i in range(n)]
+
+
+def make_batch(pairs: list[tuple[list[int], list[int]]], canvas_length: int, end_id: int, pad_id: int,
+               generator: torch.Generator) -> TrainBatch:
+    """(prompt ids, response ids) pairs -> one batch, a canvas chosen uniformly per example."""
+    rows, contexts, canvases, plens = [], [], [], []
+    for prompt, response in pairs:
+        plens.append(len(prompt))
+        chunks = chunk_response(response, canvas_length, end_id)
+        k = int(torch.randint(len(chunks), (1,), generator=generator))
+        rows.append(prompt + sum(chunks, []))
+        contexts.append(len(prompt) + k * canvas_length)
+        canvases.append(chunks[k])
+    s = max(map(len, rows))
+    tokens = torch.full((len(rows), s), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), s, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+        valid[i, :len(r)] = True
+    return TrainBatch(tokens, valid, torch.tensor(contexts), torch.tensor(canvases), torch.tensor(plens))
+
+
+def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig, generator: torch.Generator,
+                 checkpoint: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    dev = model.device
+    tokens, valid = batch.tokens.to(dev), batch.valid.to(dev)
+    context, clean = batch.context.to(dev), batch.canvas.to(dev)
+    b, s = tokens.shape
+    L, V = cfg.canvas_length, model.config.vocab_size
+    window = model.config.sliding_window
+
+    # encoder: causal over prompt + response, keeping every layer's keys/values for the decoder
+    enc = BatchEncoderPass(valid, window)
+    positions = torch.arange(s, device=dev).repeat(b)
+    hidden = model.forward_tokens(model.embed(tokens.reshape(-1)), positions, enc, checkpoint)
+    parts: dict[str, float] = {}
+    total = torch.zeros((), device=dev)
+    if cfg.ar_weight > 0:
+        pair = valid[:, :-1] & valid[:, 1:]  # predict token i+1 from position i
+        if cfg.ar_scope == "response":
+            pair &= torch.arange(s - 1, device=dev)[None] >= (batch.prompt_len.to(dev) - 1)[:, None]
+        rows = pair.reshape(-1).nonzero().squeeze(1)  # only the scored positions reach the LM head
+        logits = model.logits(hidden.view(b, s, -1)[:, :-1].reshape(-1, hidden.shape[-1])[rows])
+        ce = F.cross_entropy(logits, tokens[:, 1:].reshape(-1)[rows], reduction="none")
+        per_example = torch.zeros(b, device=dev, dtype=ce.dtype).index_add(0, rows // (s - 1), ce)
+        ar = (per_example / pair.sum(1).clamp_min(1)).mean()
+        total = total + cfg.ar_weight * ar
+        parts["ar"] = ar.item()
+
+    # decoder: the chosen canvas, corrupted at time t
+    t = sample_time(b, cfg.t_eps, generator).to(dev)
+    noisy, _ = corrupt(clean.cpu(), t.cpu(), V, generator)
+    noisy = noisy.to(dev)
+    dpos = (context[:, None] + torch.arange(L, device=dev)).reshape(-1)
+
+    def decode(soft):
+        x = model.self_conditioning(model.embed(noisy.reshape(-1)), soft)
+        return model.forward_tokens(x, dpos, BatchDecoderPass(enc, context, L, window), checkpoint)
+
+    soft = None
+    use_sc = torch.rand(b, generator=generator).to(dev) < cfg.self_cond_prob
+    if cfg.self_cond_prob > 0 and bool(use_sc.any()):
+        with torch.no_grad():
+            first = model.logits(decode(None))
+            soft = model.soft_embedding(first) * use_sc.repeat_interleave(L)[:, None].to(model.dtype)
+    logits = model.logits(decode(soft)).view(b, L, V)
+    if cfg.loss == "loo":
+        alpha = (1 - t).clamp(1e-6, 1 - 1e-6)
+        shift = torch.log1p(V * alpha / (1 - alpha))  # [B]
+        logits = logits + F.one_hot(noisy, V).to(logits.dtype) * shift[:, None, None]
+    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(b, L).mean(1)
+    if cfg.loss == "reweighted":
+        w = 1.0 / (1.0 - t).clamp_min(1e-6)
+        if cfg.reweight_clip is not None:
+            w = w.clamp_max(cfg.reweight_clip)
+        ce = ce * w
+    diff = ce.mean()
+    parts["diffusion"] = diff.item()
+    total = total + diff
+    parts["loss"] = total.item()
+    return total, parts

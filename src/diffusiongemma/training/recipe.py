@@ -1,0 +1,65 @@
+"""The recipe of the model shipped in this repository: its tokenizer, architecture, data and schedule.
+
+A small DiffusionGemma with every feature of the release: MoE beside a dense MLP, sliding and global
+layers (global layers K = V, proportional partial RoPE), self-conditioning, the release's special
+tokens at the release's ids, the Gemma 4 chat format; a 32-token canvas so that long answers span
+several canvases.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..config import GenerationConfig, ModelConfig, TextConfig
+from ..text.chat import ChatTemplate, default_template, normalize_messages
+from . import tasks
+
+S, F = "sliding_attention", "full_attention"
+
+TEXT = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64, global_head_dim=128, num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
+    moe_intermediate_size=128, sliding_window=128, layer_types=[S, S, F, S, S, F], max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
+)
+CANVAS = 32
+STOP_IDS = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>: the release's generation_config stop ids
+WEIGHTS = {"arithmetic": 3.0, "sort": 1.5, "reverse": 1.0, "count": 1.0, "tools": 2.0, "text": 1.5}
+
+
+@dataclass
+class Recipe:
+    vocab_size: int = 4096
+    tokenizer_samples: int = 4000  # per family
+    text_samples: int = 20000
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-3
+    weights: dict[str, float] = field(default_factory=lambda: dict(WEIGHTS))
+
+
+def model_config(vocab_size: int) -> ModelConfig:
+    text = TextConfig.from_dict({**TEXT, "vocab_size": vocab_size, "eos_token_id": list(STOP_IDS),
+                                 "pad_token_id": 0, "bos_token_id": 2})
+    return ModelConfig(text=text, canvas_length=CANVAS, eos_token_id=STOP_IDS, dtype="bfloat16")
+
+
+def generation_config() -> GenerationConfig:
+    # the release's sampler settings; max_new_tokens is only the default for requests that give none
+    return GenerationConfig(max_new_tokens=256, eos_token_id=STOP_IDS, pad_token_id=0, bos_token_id=2)
+
+
+def tokenizer_texts(recipe: Recipe, passages: list[str]) -> list[str]:
+    """Rendered task dialogues and corpus passages, the tokenizer's training text."""
+    tpl = ChatTemplate(default_template(), {"bos_token": "<bos>"})
+    out = []
+    for family in tasks.FAMILIES:
+        for seed in range(recipe.tokenizer_samples):
+            ex = tasks.make_example(family, seed)
+            for t in ex.turns:
+                out.append(tpl.render(normalize_messages(t.messages), t.tools, True, enable_thinking=t.thinking)
+                           + t.target)
+    rng = random.Random(0)
+    out += rng.sample(passages, min(recipe.text_samples, len(passages)))
+    return out

@@ -1,0 +1,141 @@
+"""The trainer: AdamW, linear warm-up then cosine decay, gradient clipping, optional gradient
+checkpointing, fp32 or bf16 (autocast) compute, save/resume in the release directory format, a
+progress line with loss and tokens/s, and the loss curve written as JSON lines.
+
+Determinism: the batch and the noise of step k are functions of (seed, k) only, so resuming from a
+checkpoint saved at step k continues the uninterrupted run's curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import GenerationConfig, ModelConfig
+from ..loader import load, save
+from ..model import DiffusionGemmaText
+from ..sampling.draws import key_seed
+from .objective import ObjectiveConfig, compute_loss, make_batch
+
+STATE = "trainer_state.pt"
+CURVE = "loss_curve.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    clip: float = 1.0
+    dtype: str = "float32"  # compute dtype: float32, or bfloat16 autocast over fp32 master weights
+    grad_checkpoint: bool = False
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    progress: bool = True
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+
+class Trainer:
+    def __init__(self, model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig,
+                 data, objective: ObjectiveConfig, cfg: TrainConfig, out_dir: str | Path,
+                 end_id: int, pad_id: int, save_extra=None):
+        self.model, self.config, self.gen = model, config, generation_config
+        self.data, self.obj, self.cfg = data, objective, cfg
+        self.out = Path(out_dir)
+        self.end_id, self.pad_id = end_id, pad_id
+        self.save_extra = save_extra  # called with the output directory after each save (tokenizer files)
+        self.opt = make_optimizer(model, cfg)
+        self.step = 0
+
+    def resume(self) -> bool:
+        state_file = self.out / STATE
+        if not state_file.is_file():
+            return False
+        ck = load(self.out, dtype="float32")
+        self.model.load_state_dict(ck.model.state_dict())
+        state = torch.load(state_file, weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        return True
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(key_seed(cfg.seed, step, 0, 9))
+        batch = make_batch(self.data.batch(step, cfg.batch_size), self.obj.canvas_length, self.end_id,
+                           self.pad_id, gen)
+        self.model.train()
+        autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        with autocast:
+            loss, parts = compute_loss(self.model, batch, self.obj, gen, cfg.grad_checkpoint)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
+        lr = lr_at(step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        parts["lr"] = lr
+        parts["tokens"] = batch.num_tokens
+        return parts
+
+    def save(self) -> None:
+        self.model.eval()
+        save(self.model, self.config, self.gen, self.out)
+        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
+                    "objective": asdict(self.obj)}, self.out / STATE)
+        if self.save_extra:
+            self.save_extra(self.out)
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        curve_path = self.out / CURVE
+        if self.step == 0 and curve_path.exists():
+            curve_path.unlink()
+        rows, t0, tokens = [], time.perf_counter(), 0
+        with curve_path.open("a") as curve:
+            while self.step < cfg.steps:
+                parts = self.train_step(self.step)
+                self.step += 1
+                tokens += parts["tokens"]
+                rows.append({"step": self.step, **parts})
+                curve.write(json.dumps(rows[-1]) + "\n")
+                curve.flush()
+                if cfg.progress and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    el = time.perf_counter() - t0
+                    done = self.step / cfg.steps
+                    bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+                    sys.stderr.write(f"\r[{bar}] {self.step}/{cfg.steps} loss {parts['loss']:.3f} "
+                                     f"(diff {parts['diffusion']:.3f} ar {parts.get('ar', 0):.3f}) "
+                                     f"lr {parts['lr']:.2e} {tokens / el:,.0f} tok/s {el / 60:.1f} min")
+                    sys.stderr.flush()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        if cfg.progress:
+            sys.stderr.write("\n")
+        self.save()
+        return rows

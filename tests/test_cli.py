@@ -1,0 +1,74 @@
+"""The command line, run as a user runs it (a subprocess), on a complete random model directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, stdin=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "diffusiongemma", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_json_with_statistics(tiny_text_model_dir):
+    r = run("generate", "Sort: 3 1 2", "--model", str(tiny_text_model_dir), "--max-tokens", "20", "--seed", "1",
+            "--json", "--steps", "4")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["finish_reason"] in ("length", "stop") and out["usage"]["completion_tokens"] <= 20
+    st = out["stats"]
+    assert st["decoder_forwards"] >= 1 and st["steps_per_canvas"] and "tokens_per_forward" in st
+
+
+def test_generate_messages_file_thinking_and_canvas_view(tiny_text_model_dir, tmp_path):
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]))
+    r = run("generate", "--messages", str(msgs), "--model", str(tiny_text_model_dir), "--max-tokens", "16",
+            "--seed", "2", "--think", "--show-canvas", "--steps", "3", "--thinking-budget", "4")
+    assert r.returncode == 0, r.stderr
+    assert "canvas 0 step  1" in r.stderr and "accepted" in r.stderr and "mean entropy" in r.stderr
+    assert "tokens/forward" in r.stderr
+
+
+def test_chat_keeps_history(tiny_text_model_dir):
+    r = run("chat", "--model", str(tiny_text_model_dir), "--max-tokens", "8", "--seed", "3", "--steps", "2",
+            stdin="Hello\n/think on\nWhat is 2 + 2?\n/reset\nBye\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tokens/forward") == 3
+    assert "(thinking on)" in r.stderr and "(history cleared)" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["generate", "hi", "--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+    (["generate", "--messages", "/nonexistent.json", "hi"], None),
+    (["generate", "hi", "--steps", "0"], "expected a positive integer"),
+    (["generate", "hi", "--t-max", "abc"], "expected a positive number"),
+])
+def test_bad_input_is_one_line_and_nonzero(tiny_text_model_dir, args, msg):
+    args = [a if a != "--model" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_text_model_dir)]
+    r = run(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and ("error" in lines[-1])
+    if msg:
+        assert msg in r.stderr
+
+
+def test_unreadable_messages_file(tiny_text_model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = run("generate", "--messages", str(bad), "--model", str(tiny_text_model_dir))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("generate", "--messages", str(tmp_path / "missing.json"), "--model", str(tiny_text_model_dir))
+    assert r.returncode == 2 and "cannot read the messages file" in r.stderr
+
+
+def test_unknown_command():
+    r = run("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
