@@ -49,3 +49,18 @@ def tiny_text_model_dir(small_tokenizer_dir, tmp_path_factory):
     for f in small_tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     return path
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "diffusiongemma-tiny"
+
+
+@pytest.fixture(scope="session")
+def shipped_model_dir():
+    """The model shipped in the repository (committed; the tests rely on it)."""
+    assert (SHIPPED / "model.safetensors").is_file(), f"the shipped model is missing at {SHIPPED}"
+    return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def shipped_or_tiny_model_dir(tiny_text_model_dir):
+    return SHIPPED if (SHIPPED / "model.safetensors").is_file() else tiny_text_model_dir

@@ -64,6 +64,8 @@ def text_key_map(model: DiffusionGemmaText) -> dict[str, str]:
     """checkpoint key -> model state-dict key, for every text tensor the model expects."""
     out = {}
     for name in model.state_dict():
+        if ".lora_" in name:  # unmerged LoRA adapters are saved apart (training.lora)
+            continue
         if name.endswith(".encoder_layer_scalar"):
             out[ENCODER_PREFIX + name.replace(".encoder_layer_scalar", ".layer_scalar")] = name
         else:

@@ -261,7 +261,7 @@ class Engine:
         r.stats.decoder_forwards += 1
         if p.draft:
             events.append(DraftEvent(r.id, r.canvas_index, r.step - 1, temp, argmax, accepted, entropy,
-                                      done or r.step >= p.max_denoising_steps))
+                                      done or r.step >= p.max_denoising_steps, len(r.generated)))
         if done or r.step >= p.max_denoising_steps:
             self._commit_canvas(r, argmax, events)
         else:

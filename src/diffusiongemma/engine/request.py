@@ -136,6 +136,7 @@ class DraftEvent:
     accepted: torch.Tensor  # [L] bool
     entropy: torch.Tensor  # [L] fp32
     finished_denoising: bool
+    committed_tokens: int = 0  # tokens of this request committed before this canvas
 
 
 @dataclass

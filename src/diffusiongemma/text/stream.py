@@ -36,6 +36,12 @@ class TextStream:
         self.errors = []
         self.stopped = False
 
+    def prime(self, text: str) -> None:
+        """Text the prompt forces at the start of the answer (e.g. `<|tool_call>call:NAME`), parsed as if
+        the model had written it."""
+        if text:
+            self._route(self.parser.feed(text))
+
     # the engine's commit hook
     def __call__(self, ids) -> CommitAction | None:
         for n, i in enumerate(ids):

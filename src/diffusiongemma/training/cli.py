@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
     ap.add_argument("--save-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    ap.add_argument("--stop-after", type=int, help="end this run at that step (resume later with --resume)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     a = ap.parse_args(argv)
@@ -97,16 +98,18 @@ def main(argv=None) -> int:
     objective = ObjectiveConfig(config.canvas_length, loss=a.loss, ar_weight=a.ar_weight,
                                 self_cond_prob=a.self_cond_prob, ar_scope=a.ar_scope)
     tcfg = TrainConfig(steps=steps, batch_size=bs, lr=lr, dtype=a.dtype, grad_checkpoint=a.grad_checkpoint,
-                       seed=a.seed, save_every=a.save_every, warmup=min(50, steps // 10 + 1))
+                       seed=a.seed, save_every=a.save_every, warmup=min(50, steps // 10 + 1),
+                       stop_after=a.stop_after)
     trainer = Trainer(model, config, gen, data, objective, tcfg, out, end_id=tok.require_id("<eos>"),
                       pad_id=tok.require_id("<pad>"), save_extra=save_extra)
     if a.resume and trainer.resume():
         print(f"resuming at step {trainer.step}", file=sys.stderr)
     trainer.run()
     if a.lora:
-        from .lora import merge_lora
+        from .lora import ADAPTER, merge_lora
 
-        merge_lora(model)
+        merge_lora(model)  # once: the adapters leave the model
         trainer.save()
+        (out / ADAPTER).unlink(missing_ok=True)
     print(f"saved {out} ({(time.perf_counter() - t0) / 60:.1f} min)", file=sys.stderr)
     return 0

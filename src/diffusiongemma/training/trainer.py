@@ -21,6 +21,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..loader import load, save
 from ..model import DiffusionGemmaText
 from ..sampling.draws import key_seed
+from .lora import load_adapters, save_adapters
 from .objective import ObjectiveConfig, compute_loss, make_batch
 
 STATE = "trainer_state.pt"
@@ -41,6 +42,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     seed: int = 0
     save_every: int = 0  # 0: only at the end
+    stop_after: int | None = None  # end this run early at that step (resumable; the schedule keeps `steps`)
     log_every: int = 10
     progress: bool = True
 
@@ -76,7 +78,8 @@ class Trainer:
         if not state_file.is_file():
             return False
         ck = load(self.out, dtype="float32")
-        self.model.load_state_dict(ck.model.state_dict())
+        self.model.load_state_dict(ck.model.state_dict(), strict=False)
+        load_adapters(self.model, self.out)
         state = torch.load(state_file, weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
@@ -105,6 +108,7 @@ class Trainer:
     def save(self) -> None:
         self.model.eval()
         save(self.model, self.config, self.gen, self.out)
+        save_adapters(self.model, self.out)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
                     "objective": asdict(self.obj)}, self.out / STATE)
         if self.save_extra:
@@ -118,14 +122,15 @@ class Trainer:
             curve_path.unlink()
         rows, t0, tokens = [], time.perf_counter(), 0
         with curve_path.open("a") as curve:
-            while self.step < cfg.steps:
+            end = min(cfg.steps, cfg.stop_after or cfg.steps)
+            while self.step < end:
                 parts = self.train_step(self.step)
                 self.step += 1
                 tokens += parts["tokens"]
                 rows.append({"step": self.step, **parts})
                 curve.write(json.dumps(rows[-1]) + "\n")
                 curve.flush()
-                if cfg.progress and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if cfg.progress and (self.step % cfg.log_every == 0 or self.step == end):
                     el = time.perf_counter() - t0
                     done = self.step / cfg.steps
                     bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
@@ -133,7 +138,7 @@ class Trainer:
                                      f"(diff {parts['diffusion']:.3f} ar {parts.get('ar', 0):.3f}) "
                                      f"lr {parts['lr']:.2e} {tokens / el:,.0f} tok/s {el / 60:.1f} min")
                     sys.stderr.flush()
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                     self.save()
         if cfg.progress:
             sys.stderr.write("\n")

@@ -1,0 +1,1 @@
+"""OpenAI-compatible server with a browser view of the denoising canvas."""

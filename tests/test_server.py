@@ -1,0 +1,157 @@
+"""The server with the official openai client on loopback: chat, completions, streaming with and
+without draft frames, errors as OpenAI error objects, limits, cancellation."""
+
+import json
+
+import httpx
+import openai
+import pytest
+from server_utils import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_text_model_dir):
+    with running_server(tiny_text_model_dir, max_concurrent=4, max_tokens=512, max_prompt_tokens=400,
+                        max_body_bytes=20_000) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def name(server):
+    return server[1].state.model_name
+
+
+SMALL = dict(max_tokens=24, seed=1, extra_body={"max_denoising_steps": 4})
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [server[1].state.model_name]
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+
+
+def test_chat_completion_with_usage_and_diffusion_stats(client, name):
+    r = client.chat.completions.create(model=name,
+                                       messages=[{"role": "user", "content": "Sort: 3 1 2"}], **SMALL)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert c.finish_reason in ("stop", "length", "tool_calls")
+    assert r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 0
+    diff = r.usage.model_extra["diffusion"]
+    assert diff["decoder_forwards"] >= 1 and diff["tokens_per_forward"] >= 0 and diff["steps_per_canvas"] > 0
+
+
+def test_max_tokens_is_exact(client, name):
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "Go on forever"}], model=name,
+                                       max_tokens=7, seed=2, extra_body={"max_denoising_steps": 2})
+    assert r.usage.completion_tokens <= 7
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 7
+
+
+def test_streaming_parses_in_the_official_client(client, name):
+    chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], model=name,
+                                                 stream=True, stream_options={"include_usage": True}, **SMALL))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and chunks[-1].usage is not None and not chunks[-1].choices
+    assert not any(getattr(c, "draft", None) for c in chunks)  # no drafts unless asked
+
+
+def test_draft_frames_are_opt_in(server):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 20, "seed": 3,
+            "max_denoising_steps": 3, "stream_options": {"include_draft": True}}
+    frames = []
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                j = json.loads(line[6:])
+                if "draft" in j:
+                    frames.append(j["draft"])
+    assert frames and frames[0]["step"] == 0 and len(frames[0]["tokens"]) == 16
+    f = frames[0]
+    assert len(f["accepted"]) == len(f["entropy"]) == 16 and isinstance(f["temperature"], float)
+
+
+def test_completions_endpoint(client, name):
+    r = client.completions.create(model=name, prompt="Once upon a time", max_tokens=10, seed=4,
+                                  extra_body={"max_denoising_steps": 2})
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
+    assert r.usage.completion_tokens <= 10
+    s = list(client.completions.create(model=name, prompt="Once", max_tokens=6, seed=4, stream=True,
+                                       extra_body={"max_denoising_steps": 2}))
+    assert s[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("kwargs,status,param", [
+    (dict(n=2), 400, "n"),
+    (dict(logprobs=True), 400, "logprobs"),
+    (dict(extra_body={"frobnicate": 1}), 400, "frobnicate"),
+    (dict(temperature=5), 400, "temperature"),
+    (dict(max_tokens=10_000), 400, "max_tokens"),
+    (dict(extra_body={"t_max": 0.1, "t_min": 0.3}), 400, "t_max"),
+    (dict(model="no-such-model"), 404, "model"),
+    (dict(messages=[]), 400, "messages"),
+    (dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": ""}}]), 400,
+     "tools"),
+    (dict(messages=[{"role": "user", "content": "x " * 2000}]), 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(client, name, kwargs, status, param):
+    args = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    args.update(kwargs)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.status_code == status
+    err = e.value.body if isinstance(e.value.body, dict) else {}
+    err = err.get("error", err)
+    assert err.get("param") == param, err
+    assert err.get("message")
+
+
+def test_invalid_json_and_oversized_body(server):
+    r = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "invalid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server[0] + "/v1/chat/completions", content=b"{" + b" " * 30_000 + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(server[0] + "/v1/chat/completions", json={"messages": "hello"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    # and the server still serves
+    assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_disconnect_cancels_and_frees(server):
+    runner = server[1].state.runner
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 500, "seed": 5,
+            "stop": [], "max_denoising_steps": 48}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())
+    import time
+
+    for _ in range(200):
+        if runner.in_flight == 0 and not runner.engine.has_work():
+            break
+        time.sleep(0.05)
+    assert runner.in_flight == 0 and not runner.engine.has_work()
+
+
+def test_page_is_served(server):
+    r = httpx.get(server[0] + "/")
+    assert r.status_code == 200 and "canvas" in r.text and "/static/app.js" in r.text
+    assert httpx.get(server[0] + "/static/app.js").status_code == 200
+    assert httpx.get(server[0] + "/static/../app.py").status_code == 404
+
+
+def test_api_key_required_when_configured(tiny_text_model_dir):
+    with running_server(tiny_text_model_dir, api_key="s3cret") as (url, _):
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data
