@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from server_utils import running_server
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")

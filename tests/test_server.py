@@ -6,6 +6,7 @@ import json
 import httpx
 import openai
 import pytest
+
 from server_utils import running_server
 
 

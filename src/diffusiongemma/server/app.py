@@ -242,7 +242,7 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
