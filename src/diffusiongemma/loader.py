@@ -49,6 +49,7 @@ class Checkpoint:
     generation_config: GenerationConfig
     path: Path
     vision_keys: tuple[str, ...] = ()
+    vision: torch.nn.Module | None = None  # the vision tower and projection, when loaded
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
@@ -138,8 +139,11 @@ def build_text_model(config: ModelConfig, dtype: torch.dtype = torch.float32,
     return model.to(dtype) if str(device) != "meta" else model
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory as published. Errors name the file, key and shapes involved."""
+def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+         vision: bool = False) -> Checkpoint:
+    """Load a checkpoint directory as published. Errors name the file, key and shapes involved.
+
+    vision=True also loads the vision tower (an error if the checkpoint has none)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -214,12 +218,26 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     with torch.device(device):
         model.rotary = RotaryEmbedding(config.text)  # non-persistent buffers, rebuilt off the meta device
     model.eval().requires_grad_(False)
-    return Checkpoint(model, config, gen, path, tuple(sorted(vision_keys)))
+    tower = None
+    if vision:
+        if not vision_keys:
+            raise CheckpointError(f"{path}: no vision tower in this checkpoint")
+        from .vision.tower import Vision, axial_inv_freq
+
+        with torch.device("meta"):
+            tower = Vision(config.vision, config.text.hidden_size)
+        vstate = {k.removeprefix("model.encoder."): handle(k).get_tensor(k).to(device=device, dtype=dtype)
+                  for k in vision_keys}
+        tower.load_state_dict(vstate, assign=True, strict=True)
+        tower.vision_tower.register_buffer("inv_freq", axial_inv_freq(config.vision).to(device), persistent=False)
+        tower.eval().requires_grad_(False)
+    return Checkpoint(model, config, gen, path, tuple(sorted(vision_keys)), tower)
 
 
 def save(model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig, path: str | Path,
-         extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the release layout: config.json, generation_config.json, model.safetensors."""
+         extra_tensors: dict[str, torch.Tensor] | None = None, vision=None) -> None:
+    """Write the release layout: config.json, generation_config.json, model.safetensors (with the vision
+    tower under model.encoder.* when given)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_dtype = str(model.dtype).removeprefix("torch.")
@@ -228,6 +246,9 @@ def save(model: DiffusionGemmaText, config: ModelConfig, generation_config: Gene
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (path / "generation_config.json").write_text(json.dumps(generation_config.to_dict(), indent=2) + "\n")
     tensors = {k: model.state_dict()[m].detach().contiguous().cpu() for k, m in text_key_map(model).items()}
+    if vision is not None:
+        tensors.update({"model.encoder." + k: v.detach().contiguous().cpu() for k, v in vision.state_dict().items()
+                        if ".lora_" not in k})
     tensors.update(extra_tensors or {})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,37 @@ from .request import (
     ResolvedParams,
     SamplingParams,
 )
+
+
+class Timings:
+    """Accumulated wall time and call counts per phase; synchronises the device around each phase
+    only when `enabled` (the benchmark turns it on), so normal runs pay nothing."""
+
+    def __init__(self, device: torch.device, enabled: bool = False):
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def ms_per_call(self, phase: str) -> float:
+        return 1000 * self.seconds.get(phase, 0.0) / max(self.calls.get(phase, 0), 1)
 
 
 @dataclass
@@ -99,6 +131,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._cancel: set[str] = set()
+        self.timings = Timings(model.device)  # where the time goes (decoder, vocabulary, sampler, commit)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, **kw) -> Engine:
@@ -203,7 +236,9 @@ class Engine:
     def _encode_group(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
         ids = torch.tensor([t for r in batch for t in r.to_encode], device=self.model.device)
-        self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
+        prefill = all(r.stats.commit_forwards == 0 for r in batch)
+        with self.timings("prefill" if prefill else "commit"):
+            self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
         dt = time.perf_counter() - t0
         for r in batch:
             if r.stats.commit_forwards == 0:
@@ -231,19 +266,22 @@ class Engine:
         if any(r.soft is not None for r in batch):
             zeros = torch.zeros(L, model.config.hidden_size, dtype=model.dtype, device=model.device)
             soft = torch.cat([r.soft if r.soft is not None else zeros for r in batch])
-        hidden = model.decode(canvases, [r.cache for r in batch], soft, lengths=[L] * len(batch))
+        with self.timings("decoder"):
+            hidden = model.decode(canvases, [r.cache for r in batch], soft, lengths=[L] * len(batch))
 
-        temps = [self._temperature(r) for r in batch]
-        temp_rows = torch.tensor(temps, dtype=torch.float32, device=model.device).repeat_interleave(L)
-        uniforms = torch.cat([r.draws.uniforms(r.canvas_index, r.step, L) for r in batch])
-        want_soft = any(r.step + 1 < r.params.max_denoising_steps for r in batch)
-        res = vocab_pass(hidden, model.embed_tokens.weight, model.config.final_logit_softcapping, temp_rows,
-                         uniforms, want_soft, model.embed_scale(), chunk=self.vocab_chunk)
+        with self.timings("vocabulary"):
+            temps = [self._temperature(r) for r in batch]
+            temp_rows = torch.tensor(temps, dtype=torch.float32, device=model.device).repeat_interleave(L)
+            uniforms = torch.cat([r.draws.uniforms(r.canvas_index, r.step, L) for r in batch])
+            want_soft = any(r.step + 1 < r.params.max_denoising_steps for r in batch)
+            res = vocab_pass(hidden, model.embed_tokens.weight, model.config.final_logit_softcapping, temp_rows,
+                             uniforms, want_soft, model.embed_scale(), chunk=self.vocab_chunk)
 
-        for i, r in enumerate(batch):
-            rows = slice(i * L, (i + 1) * L)
-            self._update(r, temps[i], res.argmax[rows], res.entropy[rows], res.sample[rows],
-                         res.soft[rows] if res.soft is not None else None, events)
+        with self.timings("sampler"):
+            for i, r in enumerate(batch):
+                rows = slice(i * L, (i + 1) * L)
+                self._update(r, temps[i], res.argmax[rows], res.entropy[rows], res.sample[rows],
+                             res.soft[rows] if res.soft is not None else None, events)
 
     def _temperature(self, r: _Request) -> float:
         p = r.params

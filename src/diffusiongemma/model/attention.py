@@ -181,14 +181,17 @@ class BatchEncoderPass:
 
 
 class BatchDecoderPass:
-    """Bidirectional pass over canvases [B, L] reading a BatchEncoderPass's keys/values: row b sees its
-    first `context[b]` encoder tokens (the last window-1 of them on sliding layers, as at inference)
-    and its whole canvas. The training decoder."""
+    """Bidirectional pass over canvases [R, L] reading a BatchEncoderPass's keys/values: canvas row r
+    reads encoder row `rows[r]` (several canvases may share one encoder row), sees its first
+    `context[r]` tokens (the last window-1 of them on sliding layers, as at inference) and its whole
+    canvas. The training decoder."""
 
     layer_scalar = "layer_scalar"
 
-    def __init__(self, encoder: BatchEncoderPass, context: torch.Tensor, canvas_length: int, window: int):
-        self.enc, self.b, self.l = encoder, encoder.b, canvas_length
+    def __init__(self, encoder: BatchEncoderPass, context: torch.Tensor, canvas_length: int, window: int,
+                 rows: torch.Tensor | None = None):
+        self.enc, self.b, self.l = encoder, context.shape[0], canvas_length
+        self.rows = None if rows is None or torch.equal(rows, torch.arange(encoder.b, device=rows.device)) else rows
         idx = torch.arange(encoder.s, device=context.device)
         full = idx[None, :] < context[:, None]  # [B, S]
         sliding = full & (idx[None, :] >= (context - (window - 1))[:, None])
@@ -200,6 +203,8 @@ class BatchDecoderPass:
         b, n = self.b, self.l
         q, k, v = (t.view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         ek, ev = self.enc.kv[layer]
+        if self.rows is not None:
+            ek, ev = ek[self.rows], ev[self.rows]
         out = F.scaled_dot_product_attention(q, torch.cat([ek, k], 2), torch.cat([ev, v], 2),
                                              attn_mask=self.masks[layer_type], scale=1.0,
                                              enable_gqa=k.shape[1] != q.shape[1])

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's next-token loss")
     ap.add_argument("--ar-scope", choices=["all", "response"], default="all", help="tokens the AR loss scores")
     ap.add_argument("--self-cond-prob", type=float, default=0.5, help="probability of two-pass self-conditioning")
+    ap.add_argument("--canvases-per-example", type=int, help="(canvas, t) draws per example sharing its encoder pass "
+                    "(default: 1; the shipped recipe: 3)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
         template = ChatTemplate.from_dir(tok_dir, tok.special_tokens_map())
         data = TaskMixture(tok, template, rec.weights, split["train"], seed=a.seed)
         steps, bs, lr = a.steps or rec.steps, a.batch_size or rec.batch_size, a.lr or rec.lr
+        per_example = a.canvases_per_example or rec.canvases_per_example
         save_extra = None
     else:
         if not a.data:
@@ -90,13 +93,15 @@ def main(argv=None) -> int:
         template = ChatTemplate.from_dir(a.model, tok.special_tokens_map())
         data = JsonlData(a.data, tok, template, seed=a.seed)
         steps, bs, lr = a.steps or 100, a.batch_size or 8, a.lr or (1e-3 if a.lora else 1e-4)
+        per_example = a.canvases_per_example or 1
         save_extra = _copy_tokenizer(Path(a.model))
         if a.lora:
             from .lora import add_lora
 
             add_lora(model, rank=a.lora)
     objective = ObjectiveConfig(config.canvas_length, loss=a.loss, ar_weight=a.ar_weight,
-                                self_cond_prob=a.self_cond_prob, ar_scope=a.ar_scope)
+                                self_cond_prob=a.self_cond_prob, ar_scope=a.ar_scope,
+                                canvases_per_example=per_example)
     tcfg = TrainConfig(steps=steps, batch_size=bs, lr=lr, dtype=a.dtype, grad_checkpoint=a.grad_checkpoint,
                        seed=a.seed, save_every=a.save_every, warmup=min(50, steps // 10 + 1),
                        stop_after=a.stop_after)

@@ -39,6 +39,7 @@ class ObjectiveConfig:
     t_eps: float = 1e-3
     reweight_clip: float | None = 10.0
     ar_scope: str = "all"  # "all": prompt and response (the reference); "response": response tokens only
+    canvases_per_example: int = 1  # independent (canvas, t) draws per example, sharing one encoder pass
 
     def __post_init__(self):
         if self.loss not in VARIANTS:
@@ -51,9 +52,10 @@ class ObjectiveConfig:
 class TrainBatch:
     tokens: torch.Tensor  # [B, S] prompt + response canvases, right-padded
     valid: torch.Tensor  # [B, S] bool
-    context: torch.Tensor  # [B] tokens the chosen canvas may read (prompt + earlier canvases)
-    canvas: torch.Tensor  # [B, L] clean tokens of the chosen canvas
+    context: torch.Tensor  # [R] tokens each chosen canvas may read (prompt + earlier canvases)
+    canvas: torch.Tensor  # [R, L] clean tokens of the chosen canvases
     prompt_len: torch.Tensor  # [B]
+    rows: torch.Tensor  # [R] the example (encoder row) of each chosen canvas
 
     @property
     def num_tokens(self) -> int:
@@ -68,31 +70,35 @@ def chunk_response(response: list[int], canvas_length: int, end_id: int) -> list
 
 
 def make_batch(pairs: list[tuple[list[int], list[int]]], canvas_length: int, end_id: int, pad_id: int,
-               generator: torch.Generator) -> TrainBatch:
-    """(prompt ids, response ids) pairs -> one batch, a canvas chosen uniformly per example."""
-    rows, contexts, canvases, plens = [], [], [], []
-    for prompt, response in pairs:
+               generator: torch.Generator, canvases_per_example: int = 1) -> TrainBatch:
+    """(prompt ids, response ids) pairs -> one batch, canvases chosen uniformly per example."""
+    rows, contexts, canvases, plens, owner = [], [], [], [], []
+    for i, (prompt, response) in enumerate(pairs):
         plens.append(len(prompt))
         chunks = chunk_response(response, canvas_length, end_id)
-        k = int(torch.randint(len(chunks), (1,), generator=generator))
         rows.append(prompt + sum(chunks, []))
-        contexts.append(len(prompt) + k * canvas_length)
-        canvases.append(chunks[k])
+        for _ in range(canvases_per_example):
+            k = int(torch.randint(len(chunks), (1,), generator=generator))
+            contexts.append(len(prompt) + k * canvas_length)
+            canvases.append(chunks[k])
+            owner.append(i)
     s = max(map(len, rows))
     tokens = torch.full((len(rows), s), pad_id, dtype=torch.long)
     valid = torch.zeros(len(rows), s, dtype=torch.bool)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = torch.tensor(r)
         valid[i, :len(r)] = True
-    return TrainBatch(tokens, valid, torch.tensor(contexts), torch.tensor(canvases), torch.tensor(plens))
+    return TrainBatch(tokens, valid, torch.tensor(contexts), torch.tensor(canvases), torch.tensor(plens),
+                      torch.tensor(owner))
 
 
 def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig, generator: torch.Generator,
                  checkpoint: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     dev = model.device
     tokens, valid = batch.tokens.to(dev), batch.valid.to(dev)
-    context, clean = batch.context.to(dev), batch.canvas.to(dev)
+    context, clean, owner = batch.context.to(dev), batch.canvas.to(dev), batch.rows.to(dev)
     b, s = tokens.shape
+    r = clean.shape[0]  # canvases (b * canvases_per_example)
     L, V = cfg.canvas_length, model.config.vocab_size
     window = model.config.sliding_window
 
@@ -114,28 +120,32 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
         total = total + cfg.ar_weight * ar
         parts["ar"] = ar.item()
 
-    # decoder: the chosen canvas, corrupted at time t
-    t = sample_time(b, cfg.t_eps, generator).to(dev)
+    # decoder: the chosen canvases, corrupted at time t
+    t = sample_time(r, cfg.t_eps, generator).to(dev)
     noisy, _ = corrupt(clean.cpu(), t.cpu(), V, generator)
     noisy = noisy.to(dev)
-    dpos = (context[:, None] + torch.arange(L, device=dev)).reshape(-1)
 
-    def decode(soft):
-        x = model.self_conditioning(model.embed(noisy.reshape(-1)), soft)
-        return model.forward_tokens(x, dpos, BatchDecoderPass(enc, context, L, window), checkpoint)
+    def decode(sel, soft):  # the canvases `sel` (indices into the R canvases)
+        x = model.self_conditioning(model.embed(noisy[sel].reshape(-1)), soft)
+        pos = (context[sel, None] + torch.arange(L, device=dev)).reshape(-1)
+        mode = BatchDecoderPass(enc, context[sel], L, window, owner[sel])
+        return model.forward_tokens(x, pos, mode, checkpoint)
 
+    everything = torch.arange(r, device=dev)
     soft = None
-    use_sc = torch.rand(b, generator=generator).to(dev) < cfg.self_cond_prob
+    use_sc = torch.rand(r, generator=generator).to(dev) < cfg.self_cond_prob
     if cfg.self_cond_prob > 0 and bool(use_sc.any()):
-        with torch.no_grad():
-            first = model.logits(decode(None))
-            soft = model.soft_embedding(first) * use_sc.repeat_interleave(L)[:, None].to(model.dtype)
-    logits = model.logits(decode(soft)).view(b, L, V)
+        sc_rows = use_sc.nonzero().squeeze(1)
+        with torch.no_grad():  # first pass only for the canvases that will be conditioned on it
+            first = model.logits(decode(sc_rows, None))
+        soft = torch.zeros(r * L, model.config.hidden_size, dtype=model.dtype, device=dev)
+        soft.view(r, L, -1)[sc_rows] = model.soft_embedding(first).view(len(sc_rows), L, -1)
+    logits = model.logits(decode(everything, soft)).view(r, L, V)
     if cfg.loss == "loo":
         alpha = (1 - t).clamp(1e-6, 1 - 1e-6)
         shift = torch.log1p(V * alpha / (1 - alpha))  # [B]
         logits = logits + F.one_hot(noisy, V).to(logits.dtype) * shift[:, None, None]
-    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(b, L).mean(1)
+    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(r, L).mean(1)
     if cfg.loss == "reweighted":
         w = 1.0 / (1.0 - t).clamp_min(1e-6)
         if cfg.reweight_clip is not None:

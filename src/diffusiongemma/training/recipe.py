@@ -33,9 +33,10 @@ class Recipe:
     vocab_size: int = 4096
     tokenizer_samples: int = 4000  # per family
     text_samples: int = 20000
-    steps: int = 2000
+    steps: int = 1700
     batch_size: int = 16
     lr: float = 2e-3
+    canvases_per_example: int = 3  # three (canvas, t) draws per example share its encoder pass
     weights: dict[str, float] = field(default_factory=lambda: dict(WEIGHTS))
 
 

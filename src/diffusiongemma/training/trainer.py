@@ -89,7 +89,7 @@ class Trainer:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(key_seed(cfg.seed, step, 0, 9))
         batch = make_batch(self.data.batch(step, cfg.batch_size), self.obj.canvas_length, self.end_id,
-                           self.pad_id, gen)
+                           self.pad_id, gen, self.obj.canvases_per_example)
         self.model.train()
         autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         with autocast:
