@@ -1,26 +1,37 @@
 """`diffusiongemma chat`: an interactive session that keeps the conversation's history.
 
-Commands: /think on|off, /reset, /quit (or Ctrl-D)."""
+Commands: /think on|off, /image PATH, /video PATH (attached to the next message), /reset, /quit (or Ctrl-D)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .common import add_model_args, add_sampler_args, load_text_model, run_cli, run_request, sampling_params
+from .common import (
+    add_media_args,
+    add_model_args,
+    add_sampler_args,
+    load_text_model,
+    make_engine,
+    media_parts,
+    run_cli,
+    run_request,
+    sampling_params,
+)
 
 
 def _main(argv) -> int:
-    from ..engine import Engine
     from ..text.stream import TextStream
 
     ap = argparse.ArgumentParser(prog="diffusiongemma chat", description=__doc__.split("\n\n")[0])
     ap.add_argument("--system", help="system prompt")
+    add_media_args(ap)
     add_model_args(ap)
     add_sampler_args(ap)
     a = ap.parse_args(argv)
     tm = load_text_model(a)
-    engine = Engine.from_checkpoint(tm.checkpoint)
+    engine = make_engine(tm)
+    pending_media = media_parts(a)  # images given on the command line go with the first message
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     thinking = a.think
     tty = sys.stdout.isatty()
@@ -44,12 +55,24 @@ def _main(argv) -> int:
             thinking = line.split()[-1] != "off"
             print(f"(thinking {'on' if thinking else 'off'})", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
+        if line.startswith("/image ") or line.startswith("/video "):
+            kind, path = line.split(" ", 1)
+            pending_media.append({"type": kind[1:], kind[1:]: path.strip()})
+            print(f"({kind[1:]} attached to the next message)", file=sys.stderr)
+            continue
+        content = pending_media + [{"type": "text", "text": line}] if pending_media else line
+        pending_media = []
+        history.append({"role": "user", "content": content})
         stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
         printer = _Printer(tty)
-        ids = tm.chat_ids(history, thinking=thinking)
+        try:
+            ids, images = tm.chat_inputs(history, thinking=thinking)
+        except ValueError as e:  # a bad image: report it and drop the message, keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas,
-                                    on_deltas=printer)
+                                    on_deltas=printer, images=images)
         sys.stdout.write("\n")
         print(f"[{reason}: {stats.completion_tokens} tokens, {stats.tokens_per_forward:.1f} tokens/forward, "
               f"{stats.total_s:.1f} s]", file=sys.stderr)

@@ -99,8 +99,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from ..loader import CheckpointError
     from ..text.chat import ChatError
     from ..text.tokenizer import TokenizerError
+    from ..vision.preprocess import ImageError
 
-    return (CLIError, ConfigError, CheckpointError, RequestError, ChatError, TokenizerError, OSError,
+    return (CLIError, ConfigError, CheckpointError, RequestError, ChatError, TokenizerError, ImageError, OSError,
             json.JSONDecodeError, ValueError)
 
 
@@ -149,11 +150,24 @@ class CanvasView:
         self.lines = 0
 
 
+def add_media_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--image", action="append", default=[], help="an image file for the message (repeatable)")
+    ap.add_argument("--video", action="append", default=[], help="a video file or animated image (repeatable)")
+
+
+def media_parts(a) -> list[dict]:
+    return [{"type": "image", "image": p} for p in a.image] + [{"type": "video", "video": p} for p in a.video]
+
+
+def make_engine(tm) -> Engine:
+    return Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids())
+
+
 def run_request(engine: Engine, ids: list[int], params: SamplingParams, stream, show_canvas: bool,
-                progress: bool = True, on_deltas=None):
+                progress: bool = True, on_deltas=None, images=None):
     """Run one request to the end; returns (finish_reason, stats)."""
     view = CanvasView(stream.tok) if show_canvas else None
-    rid = engine.add(ids, params, hook=stream)
+    rid = engine.add(ids, params, hook=stream, images=images)
     t0, tokens, reason, stats = time.perf_counter(), 0, None, None
     for ev in engine.stream():
         if ev.request_id != rid:

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from .common import (
     CLIError,
+    add_media_args,
     add_model_args,
     add_sampler_args,
     load_text_model,
+    make_engine,
+    media_parts,
     run_cli,
     run_request,
     sampling_params,
@@ -28,7 +31,6 @@ def _read_json(path: str, what: str):
 
 
 def _main(argv) -> int:
-    from ..engine import Engine
     from ..text.stream import TextStream
 
     ap = argparse.ArgumentParser(prog="diffusiongemma generate", description=__doc__)
@@ -39,6 +41,7 @@ def _main(argv) -> int:
     ap.add_argument("--tools", help="JSON file with a list of tool (function) declarations")
     ap.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     ap.add_argument("--json", action="store_true", help="print one JSON object with text and statistics")
+    add_media_args(ap)
     add_model_args(ap)
     add_sampler_args(ap)
     a = ap.parse_args(argv)
@@ -52,13 +55,19 @@ def _main(argv) -> int:
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
         if not prompt.strip():
             raise CLIError("empty prompt")
-        messages = [{"role": "user", "content": prompt}]
+        media = media_parts(a)
+        messages = [{"role": "user", "content": media + [{"type": "text", "text": prompt}] if media else prompt}]
     if a.system and not a.raw:
         messages = [{"role": "system", "content": a.system}] + messages
 
     tm = load_text_model(a)
-    ids = tm.text_ids(messages[-1]["content"]) if a.raw else tm.chat_ids(messages, tools, a.think)
-    engine = Engine.from_checkpoint(tm.checkpoint)
+    if a.raw:
+        if a.image or a.video:
+            raise CLIError("--raw takes no images")
+        ids, images = tm.text_ids(messages[-1]["content"]), []
+    else:
+        ids, images = tm.chat_inputs(messages, tools, a.think)
+    engine = make_engine(tm)
     stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
     live = not a.json
 
@@ -76,7 +85,8 @@ def _main(argv) -> int:
                 sys.stdout.write(f"\n[invalid tool call: {d.error}]\n")
         sys.stdout.flush()
 
-    reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas, on_deltas=show)
+    reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas, on_deltas=show,
+                                images=images)
     if a.json:
         out = {"text": stream.content, "reasoning": stream.reasoning,
                "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in stream.calls],

@@ -33,13 +33,16 @@ def _main(argv) -> int:
     ap.add_argument("--max-batch", type=positive_int, default=8, help="requests denoising together")
     ap.add_argument("--max-prompt-tokens", type=positive_int, default=8192)
     ap.add_argument("--max-tokens", type=positive_int, default=4096, help="largest max_tokens a request may ask")
+    ap.add_argument("--allow-local-images", action="store_true",
+                    help="let image parts name local files (data: URLs always work; network URLs never)")
     a = ap.parse_args(argv)
     if not _is_loopback(a.host) and not a.api_key:
         logging.getLogger("diffusiongemma.server").warning(
             "serving on %s without --api-key: anyone who can reach this address can use the model", a.host)
     tm = load_text_model(a)
     settings = ServerSettings(max_concurrent=a.max_concurrent, max_batch=a.max_batch,
-                              max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, api_key=a.api_key)
+                              max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, api_key=a.api_key,
+                              allow_local_images=a.allow_local_images)
     app = create_app(tm, settings, a.served_model_name)
     print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (OpenAI API under /v1)")
     try:

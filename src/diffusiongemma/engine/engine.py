@@ -112,12 +112,13 @@ class _Request:
     history: list[torch.Tensor] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
+    images: list | None = None  # preprocessed images / video frames for the prompt's soft tokens
 
 
 class Engine:
     def __init__(self, model: DiffusionGemmaText, generation_config: GenerationConfig, canvas_length: int,
                  max_batch: int = 8, vocab_chunk: int = 8192, max_context: int | None = None,
-                 batch_invariant: bool | None = None):
+                 batch_invariant: bool | None = None, vision=None, soft_token_ids: Sequence[int] = ()):
         self.model = model
         self.gen = generation_config
         self.canvas_length = canvas_length
@@ -126,6 +127,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_context = max_context or model.config.max_position_embeddings
         self.batch_invariant = model.device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.vision, self.soft_token_ids = vision, tuple(soft_token_ids)  # image input (optional)
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
         self._lock = threading.Lock()
@@ -134,13 +136,20 @@ class Engine:
         self.timings = Timings(model.device)  # where the time goes (decoder, vocabulary, sampler, commit)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, **kw) -> Engine:
+    def from_checkpoint(cls, checkpoint, extra_soft_ids: Sequence[int] = (), **kw) -> Engine:
+        """An engine for a loaded checkpoint; with its vision tower, the image token (and any
+        `extra_soft_ids`, e.g. the video token) mark where vision vectors go."""
+        if checkpoint.vision is not None:
+            kw.setdefault("vision", checkpoint.vision)
+            kw.setdefault("soft_token_ids", (checkpoint.config.image_token_id, *extra_soft_ids))
         return cls(checkpoint.model, checkpoint.generation_config, checkpoint.config.canvas_length, **kw)
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
-            hook: CommitHook | None = None) -> str:
-        """Queue a request; returns its id. Raises RequestError naming a bad parameter."""
+            hook: CommitHook | None = None, images: Sequence | None = None) -> str:
+        """Queue a request; returns its id. Raises RequestError naming a bad parameter.
+
+        images: preprocessed images (and video frames), in the order of the prompt's soft-token runs."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -157,9 +166,17 @@ class Engine:
         if need > self.max_context:
             raise RequestError(f"prompt ({len(prompt)} tokens) plus max_tokens ({resolved.max_tokens}) exceeds the "
                                f"context of {self.max_context} tokens")
+        if images:
+            if self.vision is None:
+                raise RequestError("this model has no vision tower: images are not supported")
+            soft = sum(1 for t in prompt if t in self.soft_token_ids)
+            need = sum(im.num_soft_tokens for im in images)
+            if soft != need:
+                raise RequestError(f"the prompt has {soft} image soft tokens but the images need {need}")
         rid = request_id or f"req-{next(self._ids)}"
         req = _Request(rid, prompt, resolved, Draws(resolved.seed, self.model.device), hook,
-                       RequestStats(prompt_tokens=len(prompt)), time.perf_counter(), to_encode=list(prompt))
+                       RequestStats(prompt_tokens=len(prompt)), time.perf_counter(), to_encode=list(prompt),
+                       images=list(images) if images else None)
         with self._lock:
             self._waiting.append(req)
         return rid
@@ -230,7 +247,9 @@ class Engine:
 
     def _encode_pending(self) -> None:
         """Encoder passes: new prompts (prefill) and finished canvases (commit)."""
-        for group in self._groups([r for r in self._active if r.to_encode]):
+        pending = [r for r in self._active if r.to_encode]
+        with_images = [[r] for r in pending if r.images]  # prompts with images go alone (their embeddings differ)
+        for group in self._groups([r for r in pending if not r.images]) + with_images:
             self._encode_group(group)
 
     def _encode_group(self, batch: list[_Request]) -> None:
@@ -238,7 +257,14 @@ class Engine:
         ids = torch.tensor([t for r in batch for t in r.to_encode], device=self.model.device)
         prefill = all(r.stats.commit_forwards == 0 for r in batch)
         with self.timings("prefill" if prefill else "commit"):
-            self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
+            if batch[0].images:
+                from ..vision.placement import embed_prompt
+
+                embeds, blocks = embed_prompt(self.model, self.vision, ids, batch[0].images, self.soft_token_ids)
+                self.model.encode(None, [batch[0].cache], inputs_embeds=embeds, block_ids=blocks)
+                batch[0].images = None  # consumed by the prefill
+            else:
+                self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
         dt = time.perf_counter() - t0
         for r in batch:
             if r.stats.commit_forwards == 0:

@@ -159,13 +159,16 @@ class BatchEncoderPass:
 
     layer_scalar = "encoder_layer_scalar"
 
-    def __init__(self, valid: torch.Tensor, window: int):
+    def __init__(self, valid: torch.Tensor, window: int, block_ids: torch.Tensor | None = None):
         self.b, self.s = valid.shape
         idx = torch.arange(self.s, device=valid.device)
         delta = idx[:, None] - idx[None, :]
         causal = (delta >= 0)[None] & valid[:, None, :]
-        self.masks = {"full_attention": causal[:, None],
-                      "sliding_attention": (causal & (delta < window)[None])[:, None]}
+        full, sliding = causal, causal & (delta < window)[None]
+        if block_ids is not None:  # runs of image tokens attend to each other bidirectionally (both layer types)
+            block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
+            full, sliding = full | block, sliding | block
+        self.masks = {"full_attention": full[:, None], "sliding_attention": sliding[:, None]}
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:

@@ -20,9 +20,10 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from ..engine import CommitEvent, DraftEvent, Engine, RequestError
 from ..text import tokenizer as T
-from ..text.bundle import TextModel
+from ..text.bundle import MediaPolicy, TextModel
 from ..text.chat import ChatError, normalize_messages, validate_tools
 from ..text.stream import TextStream
+from ..vision.preprocess import ImageError
 from .protocol import APIError, new_id, now, parse_request, usage
 from .runner import EngineFailure, EngineRunner
 
@@ -35,8 +36,9 @@ class ServerSettings:
     max_batch: int = 8  # requests denoising together
     max_prompt_tokens: int = 8192
     max_tokens: int = 4096
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024
     api_key: str | None = None
+    allow_local_images: bool = False  # image parts may name local files (never network URLs)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -65,8 +67,9 @@ class _Guard(BaseHTTPMiddleware):
 def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name: str | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     name = model_name or tm.name
-    engine = Engine.from_checkpoint(tm.checkpoint, max_batch=settings.max_batch,
+    engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), max_batch=settings.max_batch,
                                     max_context=tm.checkpoint.config.text.max_position_embeddings)
+    media_policy = MediaPolicy(allow_local_paths=settings.allow_local_images)
     runner = EngineRunner(engine, settings.max_concurrent)
     app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, settings=settings)
@@ -122,7 +125,7 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"invalid JSON body: {e}") from None
 
-    def _submit(ids, parsed, stream: TextStream):
+    def _submit(ids, parsed, stream: TextStream, images=None):
         if len(ids) > settings.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of "
                                 f"{settings.max_prompt_tokens}", param="messages", code="context_length_exceeded")
@@ -130,7 +133,7 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
             raise APIError(429, f"too many requests in flight ({settings.max_concurrent}); retry later",
                            code="rate_limit_exceeded", type_="rate_limit_error")
         try:
-            return runner.submit(ids, parsed.params, stream)
+            return runner.submit(ids, parsed.params, stream, images)
         except RequestError as e:
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
 
@@ -139,11 +142,13 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
         body = await _body(request)
         parsed = parse_request(body, "chat", tm.checkpoint.generation_config, name, settings.max_tokens)
         try:
-            messages = normalize_messages(body.get("messages"))
+            normalize_messages(body.get("messages"))  # validates before any image is decoded
             tools = validate_tools(parsed.tools) if parsed.tool_choice != "none" else None
-            prompt = tm.template.render(messages, tools, add_generation_prompt=True, enable_thinking=parsed.thinking)
+            ids, images = tm.chat_inputs(body["messages"], tools, parsed.thinking, media_policy)
         except ChatError as e:
             raise APIError(400, str(e), param="tools" if "tools" in str(e) else "messages") from None
+        except ImageError as e:
+            raise APIError(400, f"invalid image: {e}", param="messages", code="invalid_image") from None
         forced = ""
         if parsed.tool_choice == "required":
             forced = T.CALL_OPEN + "call:"
@@ -151,7 +156,7 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
             forced = T.CALL_OPEN + "call:" + parsed.tool_choice["function"]["name"]
         stream = TextStream(tm.tokenizer, parsed.stop, parsed.thinking_budget)
         stream.prime(forced)
-        rid, queue = _submit(tm.tokenizer.encode(prompt + forced), parsed, stream)
+        rid, queue = _submit(ids + tm.tokenizer.encode(forced), parsed, stream, images)
         return await _respond(request, rid, queue, stream, parsed, "chat")
 
     @app.post("/v1/completions")

@@ -47,7 +47,8 @@ class EngineRunner:
     def in_flight(self) -> int:
         return len(self._queues)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, hook: CommitHook | None) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, hook: CommitHook | None,
+               images=None) -> tuple[str, asyncio.Queue]:
         """Queue a request (raises RequestError on bad parameters); returns its id and event queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -56,7 +57,7 @@ class EngineRunner:
             rid = f"req-{self._next}"
         self._queues[rid] = (loop, queue)
         try:
-            self.engine.add(prompt_ids, params, request_id=rid, hook=hook)
+            self.engine.add(prompt_ids, params, request_id=rid, hook=hook, images=images)
         except Exception:
             self._queues.pop(rid, None)
             raise

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..sampling.draws import key_seed
+from ..text.bundle import PromptBuilder
 from ..text.chat import ChatTemplate, normalize_messages, validate_tools
 from ..text.syntax import format_call
 from ..text.tokenizer import CALL_CLOSE, CALL_OPEN, CHANNEL_CLOSE, CHANNEL_OPEN, RESPONSE_OPEN, TURN_CLOSE, Tokenizer
@@ -27,30 +28,44 @@ def render_turn(template: ChatTemplate, tok: Tokenizer, turn: tasks.Turn) -> tup
     return tok.encode(prompt), tok.encode(turn.target)
 
 
-class TaskMixture:
-    """Weighted mixture of task families (and text passages)."""
+def render_item(builder: PromptBuilder, turn: tasks.Turn) -> tuple[list[int], list[int], list]:
+    """A turn to learn as (prompt ids, response ids, images), images expanded into soft tokens."""
+    prompt, images = builder.chat_inputs(turn.messages, turn.tools, turn.thinking)
+    return prompt, builder.tokenizer.encode(turn.target), images
 
-    def __init__(self, tok: Tokenizer, template: ChatTemplate, weights: dict[str, float],
+
+class TaskMixture:
+    """Weighted mixture of task families, text passages and (with a vision tower) image questions."""
+
+    def __init__(self, builder: PromptBuilder, weights: dict[str, float],
                  passages: Sequence[str] | None = None, seed: int = 0, max_tokens: int = 512):
-        unknown = set(weights) - set(tasks.GENERATORS) - {"text"}
+        unknown = set(weights) - set(tasks.GENERATORS) - {"text", "image"}
         if unknown:
             raise DataError(f"unknown task families {sorted(unknown)}")
         if weights.get("text") and not passages:
             raise DataError("the text family needs passages (the corpus)")
-        self.tok, self.template, self.passages = tok, template, list(passages or [])
+        if weights.get("image") and builder.image_ids is None:
+            raise DataError("the image family needs a model with a vision tower")
+        self.builder, self.passages = builder, list(passages or [])
         self.families = [f for f in weights if weights[f] > 0]
         self.weights = [weights[f] for f in self.families]
         self.seed, self.max_tokens = seed, max_tokens
 
-    def batch(self, step: int, size: int) -> list[tuple[list[int], list[int]]]:
+    def batch(self, step: int, size: int) -> list[tuple[list[int], list[int], list]]:
         rng = random.Random(key_seed(self.seed, step, 0, 7))
         out = []
         while len(out) < size:
             family = rng.choices(self.families, self.weights)[0]
-            ex = tasks.make_example(family, rng.randrange(tasks.TRAIN_SEEDS.stop), self.passages)
-            prompt, response = render_turn(self.template, self.tok, rng.choice(ex.turns))
+            seed = rng.randrange(tasks.TRAIN_SEEDS.stop)
+            if family == "image":
+                from .vision_tasks import QUESTION_TYPES, image_example
+
+                ex = image_example(rng.choice(QUESTION_TYPES), seed)
+            else:
+                ex = tasks.make_example(family, seed, self.passages)
+            prompt, response, images = render_item(self.builder, rng.choice(ex.turns))
             if len(prompt) + len(response) <= self.max_tokens:
-                out.append((prompt, response))
+                out.append((prompt, response, images))
         return out
 
 
@@ -99,7 +114,7 @@ class JsonlData:
                 prompt = template.render(msgs[:i], tools, add_generation_prompt=True, enable_thinking=thinking)
                 p, r = tok.encode(prompt), tok.encode(assistant_target({**raw[i], **m}, thinking))
                 if len(p) + len(r) <= max_tokens:
-                    self.pairs.append((p, r))
+                    self.pairs.append((p, r, []))
         if not self.pairs:
             raise DataError(f"{path}: no assistant turns to learn")
         self.seed = seed

@@ -19,9 +19,9 @@ import torch
 
 from ..engine import CommitEvent, Engine, SamplingParams
 from ..text.bundle import TextModel
-from ..text.chat import normalize_messages
 from ..text.stream import TextStream
 from . import tasks
+from .vision_tasks import QUESTION_TYPES, image_example
 
 
 def _generate(engine: Engine, tm: TextModel, turns, params: SamplingParams) -> list[tuple[TextStream, object]]:
@@ -29,9 +29,8 @@ def _generate(engine: Engine, tm: TextModel, turns, params: SamplingParams) -> l
     streams, ids = [], []
     for turn in turns:
         s = TextStream(tm.tokenizer)
-        prompt = tm.tokenizer.encode(tm.template.render(normalize_messages(turn.messages), turn.tools, True,
-                                                        enable_thinking=turn.thinking))
-        ids.append(engine.add(prompt, params, hook=s))
+        prompt, images = tm.chat_inputs(turn.messages, turn.tools, turn.thinking)
+        ids.append(engine.add(prompt, params, hook=s, images=images))
         streams.append(s)
     stats = {}
     for ev in engine.stream():
@@ -44,11 +43,17 @@ def _generate(engine: Engine, tm: TextModel, turns, params: SamplingParams) -> l
 
 def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens: int = 256,
              text_items: int = 64, progress: bool = True) -> dict:
-    engine = Engine.from_checkpoint(tm.checkpoint, max_batch=16)
+    engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), max_batch=16)
     results: dict[str, dict] = {}
+    if tm.sees and not any(f.startswith("image_") for f in families):
+        families = list(families) + [f"image_{q}" for q in QUESTION_TYPES]
     for family in families:
         t0 = time.perf_counter()
-        examples = [tasks.make_example(family, tasks.EVAL_SEEDS.start + seed * 100_000 + i) for i in range(n)]
+        seeds = [tasks.EVAL_SEEDS.start + seed * 100_000 + i for i in range(n)]
+        if family.startswith("image_"):
+            examples = [image_example(family.removeprefix("image_"), s) for s in seeds]
+        else:
+            examples = [tasks.make_example(family, s) for s in seeds]
         params = lambda i: SamplingParams(max_tokens=max_tokens, seed=seed * 1_000_003 + i)  # noqa: E731
         first = _generate(engine, tm, [ex.turns[0] for ex in examples], params(0))
         tpf = [st.tokens_per_forward for _, st in first]
@@ -79,6 +84,8 @@ def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0,
 
 @torch.no_grad()
 def text_loss(tm: TextModel, items: int, seed: int) -> dict:
+    if items <= 0:
+        return {}
     """Mean diffusion loss (t on a fixed grid) and next-token loss on held-out corpus passages."""
     from .corpus import CorpusError, split_corpus
     from .data import render_turn
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
         ap.add_argument("--seed", type=int, default=0, help="evaluation seed (items and sampling)")
         a = ap.parse_args(argv)
         fams = [f for f in a.families.split(",") if f]
-        bad = set(fams) - set(tasks.FAMILIES)
+        bad = set(fams) - set(tasks.FAMILIES) - {f"image_{q}" for q in QUESTION_TYPES}
         if bad:
             ap.error(f"unknown families: {sorted(bad)}")
         tm = load_text_model(a)

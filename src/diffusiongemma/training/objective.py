@@ -18,7 +18,7 @@ canvas. Losses:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ from ..model.attention import BatchDecoderPass, BatchEncoderPass
 from ..sampling.noise import corrupt, sample_time
 
 VARIANTS = ("base", "reweighted", "loo")
+
+
+def _blocks(ids: torch.Tensor | None, s: int) -> torch.Tensor:
+    return torch.full((s,), -1, dtype=torch.long) if ids is None else ids
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class TrainBatch:
     canvas: torch.Tensor  # [R, L] clean tokens of the chosen canvases
     prompt_len: torch.Tensor  # [B]
     rows: torch.Tensor  # [R] the example (encoder row) of each chosen canvas
+    images: list = field(default_factory=list)  # preprocessed images, in row-major order of their soft tokens
 
     @property
     def num_tokens(self) -> int:
@@ -69,11 +74,13 @@ def chunk_response(response: list[int], canvas_length: int, end_id: int) -> list
     return [padded[i * canvas_length:(i + 1) * canvas_length] for i in range(n)]
 
 
-def make_batch(pairs: list[tuple[list[int], list[int]]], canvas_length: int, end_id: int, pad_id: int,
+def make_batch(pairs: list[tuple], canvas_length: int, end_id: int, pad_id: int,
                generator: torch.Generator, canvases_per_example: int = 1) -> TrainBatch:
-    """(prompt ids, response ids) pairs -> one batch, canvases chosen uniformly per example."""
-    rows, contexts, canvases, plens, owner = [], [], [], [], []
-    for i, (prompt, response) in enumerate(pairs):
+    """(prompt ids, response ids[, images]) items -> one batch, canvases chosen uniformly per example."""
+    rows, contexts, canvases, plens, owner, images = [], [], [], [], [], []
+    for i, item in enumerate(pairs):
+        prompt, response = item[0], item[1]
+        images += list(item[2]) if len(item) > 2 else []
         plens.append(len(prompt))
         chunks = chunk_response(response, canvas_length, end_id)
         rows.append(prompt + sum(chunks, []))
@@ -89,11 +96,11 @@ def make_batch(pairs: list[tuple[list[int], list[int]]], canvas_length: int, end
         tokens[i, :len(r)] = torch.tensor(r)
         valid[i, :len(r)] = True
     return TrainBatch(tokens, valid, torch.tensor(contexts), torch.tensor(canvases), torch.tensor(plens),
-                      torch.tensor(owner))
+                      torch.tensor(owner), images)
 
 
 def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig, generator: torch.Generator,
-                 checkpoint: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                 checkpoint: bool = False, vision=None, soft_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[str, float]]:
     dev = model.device
     tokens, valid = batch.tokens.to(dev), batch.valid.to(dev)
     context, clean, owner = batch.context.to(dev), batch.canvas.to(dev), batch.rows.to(dev)
@@ -102,10 +109,20 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
     L, V = cfg.canvas_length, model.config.vocab_size
     window = model.config.sliding_window
 
-    # encoder: causal over prompt + response, keeping every layer's keys/values for the decoder
-    enc = BatchEncoderPass(valid, window)
+    # encoder: causal over prompt + response (image runs bidirectional), keeping keys/values for the decoder
+    embeds, blocks = model.embed(tokens.reshape(-1)), None
+    if batch.images:
+        from ..vision.placement import block_ids
+
+        pixels = torch.stack([im.pixel_values for im in batch.images]).to(dev)
+        where = torch.stack([im.positions for im in batch.images]).to(dev)
+        features = torch.cat(vision(pixels.to(embeds.dtype), where)).to(embeds.dtype)
+        mask = torch.isin(tokens.reshape(-1), torch.tensor(soft_ids, device=dev))
+        embeds = embeds.masked_scatter(mask[:, None], features)  # placeholders, in row-major order
+        blocks = torch.stack([_blocks(block_ids(row, soft_ids), s) for row in tokens])
+    enc = BatchEncoderPass(valid, window, blocks)
     positions = torch.arange(s, device=dev).repeat(b)
-    hidden = model.forward_tokens(model.embed(tokens.reshape(-1)), positions, enc, checkpoint)
+    hidden = model.forward_tokens(embeds, positions, enc, checkpoint)
     parts: dict[str, float] = {}
     total = torch.zeros((), device=dev)
     if cfg.ar_weight > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..config import GenerationConfig, ModelConfig, TextConfig
+from ..config import GenerationConfig, ModelConfig, TextConfig, VisionConfig
 from ..text.chat import ChatTemplate, default_template, normalize_messages
 from . import tasks
 
@@ -26,24 +26,43 @@ TEXT = dict(
 CANVAS = 32
 STOP_IDS = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>: the release's generation_config stop ids
 WEIGHTS = {"arithmetic": 3.0, "sort": 1.5, "reverse": 1.0, "count": 1.0, "tools": 2.0, "text": 1.5}
-
+# stage 2: image questions beside the text families (so they are kept)
+VISION_WEIGHTS = {"image": 4.0, "arithmetic": 1.5, "sort": 0.8, "reverse": 0.5, "count": 0.5, "tools": 1.0, "text": 0.7}
+# a small Gemma 4 vision tower: 8-pixel patches, 2x2 pooling, 70 soft tokens at most per image
+VISION = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=32, patch_size=8, pooling_kernel_size=2,
+                      position_embedding_size=64, standardize=True, default_output_length=70)
+IMAGE_IDS = {"boi_token_id": 107, "image_token_id": 108, "eoi_token_id": 109}  # see training.tokenizer
 
 @dataclass
 class Recipe:
     vocab_size: int = 4096
     tokenizer_samples: int = 4000  # per family
     text_samples: int = 20000
-    steps: int = 1700
+    steps: int = 1300
     batch_size: int = 16
     lr: float = 2e-3
     canvases_per_example: int = 3  # three (canvas, t) draws per example share its encoder pass
+    vision_steps: int = 400
+    vision_lr: float = 1e-3
     weights: dict[str, float] = field(default_factory=lambda: dict(WEIGHTS))
 
 
-def model_config(vocab_size: int) -> ModelConfig:
+def model_config(vocab_size: int, vision: bool = False) -> ModelConfig:
     text = TextConfig.from_dict({**TEXT, "vocab_size": vocab_size, "eos_token_id": list(STOP_IDS),
                                  "pad_token_id": 0, "bos_token_id": 2})
-    return ModelConfig(text=text, canvas_length=CANVAS, eos_token_id=STOP_IDS, dtype="bfloat16")
+    return ModelConfig(text=text, vision=VISION if vision else None, canvas_length=CANVAS, eos_token_id=STOP_IDS,
+                       dtype="bfloat16", **IMAGE_IDS)
+
+
+def init_vision_(vision, seed: int = 0, std: float = 0.02) -> None:
+    """Matrices and the position table ~ N(0, std), norm weights 1, standardisation the identity."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vision.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std if p.ndim >= 2 else torch.ones(p.shape))
 
 
 def generation_config() -> GenerationConfig:

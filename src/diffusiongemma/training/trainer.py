@@ -47,6 +47,15 @@ class TrainConfig:
     progress: bool = True
 
 
+def saved_stage(out: str | Path) -> tuple[str, int] | None:
+    """(stage, step) of the run saved in `out`, if any."""
+    f = Path(out) / STATE
+    if not f.is_file():
+        return None
+    state = torch.load(f, weights_only=False, map_location="cpu")
+    return state.get("stage", "main"), state["step"]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -64,21 +73,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 class Trainer:
     def __init__(self, model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig,
                  data, objective: ObjectiveConfig, cfg: TrainConfig, out_dir: str | Path,
-                 end_id: int, pad_id: int, save_extra=None):
+                 end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = (),
+                 stage: str = "main"):
         self.model, self.config, self.gen = model, config, generation_config
+        self.vision, self.soft_ids, self.stage = vision, tuple(soft_ids), stage
         self.data, self.obj, self.cfg = data, objective, cfg
         self.out = Path(out_dir)
         self.end_id, self.pad_id = end_id, pad_id
         self.save_extra = save_extra  # called with the output directory after each save (tokenizer files)
-        self.opt = make_optimizer(model, cfg)
+        self.opt = make_optimizer(torch.nn.ModuleList([model] + ([vision] if vision is not None else [])), cfg)
         self.step = 0
 
     def resume(self) -> bool:
         state_file = self.out / STATE
-        if not state_file.is_file():
+        saved = saved_stage(self.out)
+        if saved is None or saved[0] != self.stage:
             return False
-        ck = load(self.out, dtype="float32")
+        ck = load(self.out, dtype="float32", vision=self.vision is not None)
         self.model.load_state_dict(ck.model.state_dict(), strict=False)
+        if self.vision is not None:
+            self.vision.load_state_dict(ck.vision.state_dict())
         load_adapters(self.model, self.out)
         state = torch.load(state_file, weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
@@ -93,10 +107,11 @@ class Trainer:
         self.model.train()
         autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         with autocast:
-            loss, parts = compute_loss(self.model, batch, self.obj, gen, cfg.grad_checkpoint)
+            loss, parts = compute_loss(self.model, batch, self.obj, gen, cfg.grad_checkpoint, self.vision, self.soft_ids)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
+        params = list(self.model.parameters()) + (list(self.vision.parameters()) if self.vision is not None else [])
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         lr = lr_at(step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -107,10 +122,10 @@ class Trainer:
 
     def save(self) -> None:
         self.model.eval()
-        save(self.model, self.config, self.gen, self.out)
+        save(self.model, self.config, self.gen, self.out, vision=self.vision)
         save_adapters(self.model, self.out)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
-                    "objective": asdict(self.obj)}, self.out / STATE)
+                    "objective": asdict(self.obj), "stage": self.stage}, self.out / STATE)
         if self.save_extra:
             self.save_extra(self.out)
 

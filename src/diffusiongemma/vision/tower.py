@@ -54,7 +54,8 @@ def axial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.eps = c.rms_norm_eps
         self.q_proj = _Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
         self.k_proj = _Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
         self.v_proj = _Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)

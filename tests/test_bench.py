@@ -1,0 +1,32 @@
+"""The benchmark command and the GPU readiness script, in their small CPU modes (so they cannot rot).
+No timing is asserted: speed is measured by `diffusiongemma bench`, not by tests."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from diffusiongemma.bench.gpu import run as gpu_run
+
+
+def test_gpu_readiness_script_cpu_mode():
+    res = gpu_run("tiny", torch.device("cpu"), torch.bfloat16, prompt=16, repeats=2)
+    for key in ("ms_decoder_forward", "ms_sampler_step", "ms_commit_forward", "projected_tok_s_at_15",
+                "projected_tok_s_at_20", "bandwidth_bound_tok_s_at_15", "bandwidth_GBps"):
+        assert res[key] > 0, key
+    assert res["canvas"] == 32 and res["weights_GB"] > 0
+
+
+def test_bench_command_runs_both_sides(tmp_path):
+    from diffusiongemma.bench.checkpoints import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "tiny", "tiny", torch.bfloat16)
+    r = subprocess.run([sys.executable, "-m", "diffusiongemma", "bench", "--model", str(path), "--repeats", "1",
+                        "--prompts", "1", "--mode", "fixed", "--steps", "2"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])["bench"]
+    for side in ("ours", "reference"):
+        assert res[side]["tokens_per_s"] > 0 and res[side]["steps_per_canvas"] == 2
+    assert res["ratio"]["ms_step"] > 0 and "tokens/s" in r.stdout
