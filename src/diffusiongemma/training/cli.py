@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ar-scope", choices=["all", "response"], default="all", help="tokens the AR loss scores")
     ap.add_argument("--self-cond-prob", type=float, default=0.5, help="probability of two-pass self-conditioning")
     ap.add_argument("--canvases-per-example", type=int, help="(canvas, t) draws per example sharing its encoder pass "
-                    "(default: 1; the shipped recipe: 3)")
+                    "(default: 1; the shipped recipe: 2)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")

@@ -2,7 +2,7 @@
 
 A small DiffusionGemma with every feature of the release: MoE beside a dense MLP, sliding and global
 layers (global layers K = V, proportional partial RoPE), self-conditioning, the release's special
-tokens at the release's ids, the Gemma 4 chat format; a 32-token canvas so that long answers span
+tokens at the release's ids, the Gemma 4 chat format; a 16-token canvas so that long answers span
 several canvases.
 """
 
@@ -18,12 +18,12 @@ from . import tasks
 S, F = "sliding_attention", "full_attention"
 
 TEXT = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=64, global_head_dim=128, num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
-    moe_intermediate_size=128, sliding_window=128, layer_types=[S, S, F, S, S, F], max_position_embeddings=4096,
+    hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=48, global_head_dim=96, num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
+    moe_intermediate_size=96, sliding_window=128, layer_types=[S, F, S, F], max_position_embeddings=4096,
     use_bidirectional_attention="vision",
 )
-CANVAS = 32
+CANVAS = 16
 STOP_IDS = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>: the release's generation_config stop ids
 WEIGHTS = {"arithmetic": 3.0, "sort": 1.5, "reverse": 1.0, "count": 1.0, "tools": 2.0, "text": 1.5}
 # stage 2: image questions beside the text families (so they are kept)
@@ -39,12 +39,12 @@ class Recipe:
     vocab_size: int = 4096
     tokenizer_samples: int = 4000  # per family
     text_samples: int = 20000
-    steps: int = 1300
-    batch_size: int = 16
-    lr: float = 2e-3
-    canvases_per_example: int = 3  # three (canvas, t) draws per example share its encoder pass
-    vision_steps: int = 400
-    vision_lr: float = 1e-3
+    steps: int = 1650
+    batch_size: int = 32
+    lr: float = 3e-3
+    canvases_per_example: int = 2  # two (canvas, t) draws per example share its encoder pass
+    vision_steps: int = 300
+    vision_lr: float = 1.5e-3
     weights: dict[str, float] = field(default_factory=lambda: dict(WEIGHTS))
 
 

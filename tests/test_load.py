@@ -1,0 +1,30 @@
+"""A bounded load test on loopback: 16 concurrent streaming clients, a fixed number of requests; every
+request completes or is cleanly rejected by the concurrency limit (429), nothing else goes wrong, and
+the server's memory and engine state come back to their starting level afterwards."""
+
+import asyncio
+import gc
+import logging
+
+from server_utils import running_server
+
+from diffusiongemma.bench.load import load_test
+from diffusiongemma.bench.memory import rss_bytes
+
+
+def test_sixteen_streaming_clients(shipped_or_tiny_model_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="diffusiongemma.server")
+    with running_server(shipped_or_tiny_model_dir, max_concurrent=8, max_batch=8) as (url, app):
+        asyncio.run(load_test(url, clients=16, requests=16, max_tokens=24))  # warm-up: allocator, caches
+        gc.collect()
+        before = rss_bytes()
+        res = asyncio.run(load_test(url, clients=16, requests=48, max_tokens=24))
+        gc.collect()
+        after = rss_bytes()
+        runner = app.state.runner
+        assert res["errors"] == 0, res["error_bodies"]
+        assert res["completed"] + res["rejected"] == 48
+        assert res["completed"] >= 8 and res["rejected"] > 0  # the limit of 8 in flight really applied
+        assert runner.in_flight == 0 and not runner.engine.has_work()
+        assert (after - before) < 64 * 2**20, f"memory grew by {(after - before) / 2**20:.0f} MiB"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
