@@ -6,10 +6,9 @@ import asyncio
 import gc
 import logging
 
-from server_utils import running_server
-
 from diffusiongemma.bench.load import load_test
 from diffusiongemma.bench.memory import rss_bytes
+from server_utils import running_server
 
 
 def test_sixteen_streaming_clients(shipped_or_tiny_model_dir, caplog):

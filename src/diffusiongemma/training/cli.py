@@ -89,7 +89,8 @@ def _vision_stage(a, src: Path, out: Path, rec, passages):
     proc = processor_config(None, config.vision)
     builder = PromptBuilder(tok, ChatTemplate.from_dir(src, tok.special_tokens_map()), ids, proc)
     data = TaskMixture(builder, R.VISION_WEIGHTS, passages, seed=a.seed + 1)
-    tcfg = TrainConfig(steps=a.vision_steps or rec.vision_steps, batch_size=a.batch_size or rec.batch_size, lr=rec.vision_lr, warmup=20,
+    tcfg = TrainConfig(steps=a.vision_steps or rec.vision_steps, batch_size=a.batch_size or rec.batch_size,
+                       lr=rec.vision_lr, warmup=20,
                        dtype=a.dtype, seed=a.seed + 1, save_every=a.save_every, stop_after=a.stop_after)
     copy = _copy_tokenizer(src)
 
