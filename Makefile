@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo model eval bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,21 @@ setup: $(VENV)/.installed-$(EXTRAS)
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Ask the shipped model a question (no download, no GPU): thinking shown, then the answer.
 demo:
-	$(MAKE) setup EXTRAS=text
-	$(BIN)/python examples/generate_ids.py
+	$(MAKE) setup EXTRAS=text,vision
+	$(BIN)/diffusiongemma generate "What is 347 + 589?" --think --seed 0
+
+# Train the shipped model from scratch (CPU): tokenizer, text stage, vision stage.
+model:
+	$(MAKE) setup EXTRAS=dev
+	@[ -d /usr/share/games/fortunes ] || apt-get install -y -q fortunes || \
+	  (echo "the recipe needs Debian's fortunes package: apt-get install fortunes" && false)
+	$(BIN)/diffusiongemma train --recipe shipped --out models/diffusiongemma-tiny
+
+eval:
+	$(MAKE) setup EXTRAS=dev
+	$(BIN)/diffusiongemma eval --model models/diffusiongemma-tiny --n 100
 
 lint: setup
 	$(BIN)/ruff check src tests

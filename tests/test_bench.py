@@ -13,9 +13,9 @@ from diffusiongemma.bench.gpu import run as gpu_run
 def test_gpu_readiness_script_cpu_mode():
     res = gpu_run("tiny", torch.device("cpu"), torch.bfloat16, prompt=16, repeats=2)
     for key in ("ms_decoder_forward", "ms_sampler_step", "ms_commit_forward", "projected_tok_s_at_15",
-                "projected_tok_s_at_20", "bandwidth_bound_tok_s_at_15", "bandwidth_GBps"):
+                "projected_tok_s_at_20", "bandwidth_bound_tok_s_at_15", "bandwidth_GBps", "ms_static_step"):
         assert res[key] > 0, key
-    assert res["canvas"] == 32 and res["weights_GB"] > 0
+    assert res["canvas"] == 32 and res["weights_GB"] > 0 and res["cuda_graph"] is False
 
 
 def test_bench_command_runs_both_sides(tmp_path):

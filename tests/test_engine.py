@@ -248,3 +248,42 @@ def test_packed_forwards_agree_with_per_request_forwards(pair):
     ref = [Engine.from_checkpoint(ck).generate([p], SamplingParams(max_tokens=16, seed=s, max_denoising_steps=4))[0]
            for p, s in zip(prompts, (1, 2, 3))]
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+
+
+def test_static_step_matches_the_dynamic_decoder(pair):
+    """The fixed-shape step (what a GPU captures as a CUDA graph) computes what decode + vocab_pass do."""
+    from diffusiongemma.engine.static import StaticStep
+    from diffusiongemma.sampling.vocab import vocab_pass
+
+    _, ck = pair
+    m, L = ck.model, 16
+    st = StaticStep(m, slots=3, canvas_length=L, capacity=64)
+    caches = [m.new_cache() for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    for c, n in zip(caches, (5, 40)):  # 40 > the sliding window of the test model: a full sliding slot
+        m.encode(torch.randint(0, 64, (n,), generator=g), [c])
+    canvases = [torch.randint(0, 64, (L,), generator=g) for _ in caches]
+    softs = [None, torch.randn(L, m.config.hidden_size, generator=g)]
+    uniforms = [torch.rand(L, generator=g) for _ in caches]
+    for slot, (c, cv, sf, u) in enumerate(zip(caches, canvases, softs, uniforms)):
+        st.load(slot * 2, c)  # slots 0 and 2; slot 1 stays empty
+        st.set_inputs(slot * 2, cv, sf, c.next_position, 0.7, u)
+    st.run()
+    for slot, (c, cv, sf, u) in enumerate(zip(caches, canvases, softs, uniforms)):
+        hidden = m.decode(cv, [c], sf)
+        want = vocab_pass(hidden, m.embed_tokens.weight, m.config.final_logit_softcapping, torch.full((L,), 0.7), u,
+                          True, m.embed_scale())
+        rows = st.rows(slot * 2)
+        torch.testing.assert_close(st.entropy[rows], want.entropy, atol=1e-5, rtol=0)
+        torch.testing.assert_close(st.next_soft[rows], want.soft, atol=1e-5, rtol=1e-5)
+        assert torch.equal(st.argmax[rows], want.argmax) and torch.equal(st.sample[rows], want.sample)
+
+
+def test_static_engine_gives_the_dynamic_engines_tokens(pair):
+    _, ck = pair
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    params = [SamplingParams(max_tokens=48, seed=s) for s in (21, 22, 23)]
+    dynamic = Engine.from_checkpoint(ck, max_batch=2, batch_invariant=False).generate(prompts, params)
+    static = Engine.from_checkpoint(ck, max_batch=2, static=True, max_context=128).generate(prompts, params)
+    assert [c.token_ids for c in static] == [c.token_ids for c in dynamic]
+    assert [c.finish_reason for c in static] == [c.finish_reason for c in dynamic]

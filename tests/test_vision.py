@@ -147,3 +147,66 @@ def test_expansion_and_blocks():
     assert block_ids(torch.tensor(ids), (9,)).tolist() == [-1, -1, 0, 0, -1, -1, -1, 1, 1, 1, -1, -1]
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
         expand_placeholders([9, 9], [3], 9, 7, 8)
+
+
+def _gif(path, n=5):
+    frames = [_img(40, 60) for _ in range(n)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=500, loop=0)
+
+
+def test_video_from_animated_image_and_file(tmp_path):
+    import av
+
+    from diffusiongemma.vision.video import load_video, sample_indices
+
+    assert sample_indices(100, 32)[:3] == [0, 3, 6] and sample_indices(5, 32) == [0, 1, 2, 3, 4]
+    _gif(tmp_path / "a.gif", 5)
+    v = load_video(tmp_path / "a.gif", num_frames=4, max_soft_tokens=70)
+    assert len(v.frames) == 4 and v.timestamps == ["00:00", "00:00", "00:01", "00:01"]
+    assert all(f.num_soft_tokens <= 70 for f in v.frames)
+    # a real video file, encoded here with PyAV
+    with av.open(str(tmp_path / "clip.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(30):
+            for packet in stream.encode(av.VideoFrame.from_image(_img(48, 64))):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    v = load_video(tmp_path / "clip.mp4", num_frames=8, max_soft_tokens=70)
+    assert len(v.frames) == 8 and v.timestamps[-1] == "00:02"
+    with pytest.raises(ImageError, match="cannot decode video"):
+        (tmp_path / "bad.mp4").write_bytes(b"not a video")
+        load_video(tmp_path / "bad.mp4")
+
+
+def test_prompt_builder_expands_images_and_video(small_tokenizer_dir, tmp_path):
+    from diffusiongemma.text.bundle import MediaPolicy, PromptBuilder
+    from diffusiongemma.text.chat import ChatError, ChatTemplate
+    from diffusiongemma.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(small_tokenizer_dir)
+    ids3 = tuple(tok.token_id(t) for t in ("<|image>", "<|image|>", "<image|>"))
+    b = PromptBuilder(tok, ChatTemplate.from_dir(small_tokenizer_dir, tok.special_tokens_map()), ids3,
+                      {"max_soft_tokens": 70, "patch_size": 8, "pooling_kernel_size": 2, "num_frames": 3,
+                       "video_soft_tokens": 70})
+    _gif(tmp_path / "v.gif", 3)
+    buf = io.BytesIO()
+    _img(30, 30).save(buf, format="PNG")
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "video", "video": str(tmp_path / "v.gif")},
+                                         {"type": "text", "text": "what?"}]}]
+    ids, images = b.chat_inputs(msgs)
+    vid = tok.token_id("<|video|>")
+    assert len(images) == 1 + 3
+    assert sum(1 for t in ids if t == ids3[1]) == images[0].num_soft_tokens
+    assert sum(1 for t in ids if t == vid) == sum(im.num_soft_tokens for im in images[1:])
+    assert "00:00 <|image>" in tok.decode(ids)
+    with pytest.raises(ChatError, match="network URLs are not fetched"):
+        b.chat_inputs([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+    with pytest.raises(ChatError, match="local file paths are not allowed"):
+        b.chat_inputs([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "v.gif")}]}],
+                      policy=MediaPolicy(allow_local_paths=False))

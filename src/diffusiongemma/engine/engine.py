@@ -113,19 +113,24 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     images: list | None = None  # preprocessed images / video frames for the prompt's soft tokens
+    slot: int = -1  # its row in the static step (static engines only)
 
 
 class Engine:
     def __init__(self, model: DiffusionGemmaText, generation_config: GenerationConfig, canvas_length: int,
                  max_batch: int = 8, vocab_chunk: int = 8192, max_context: int | None = None,
-                 batch_invariant: bool | None = None, vision=None, soft_token_ids: Sequence[int] = ()):
+                 batch_invariant: bool | None = None, vision=None, soft_token_ids: Sequence[int] = (),
+                 static: bool = False):
+        """static: run every denoising step of all active requests as one fixed-shape step (`StaticStep`),
+        captured as a CUDA graph on a GPU; needs a bounded `max_context` (default 8,192 then)."""
         self.model = model
         self.gen = generation_config
         self.canvas_length = canvas_length
         self.max_batch = max_batch
         self.vocab_chunk = vocab_chunk
         self.vocab_size = model.config.vocab_size
-        self.max_context = max_context or model.config.max_position_embeddings
+        self.max_context = max_context or (min(8192, model.config.max_position_embeddings) if static
+                                            else model.config.max_position_embeddings)
         self.batch_invariant = model.device.type == "cpu" if batch_invariant is None else batch_invariant
         self.vision, self.soft_token_ids = vision, tuple(soft_token_ids)  # image input (optional)
         self._waiting: deque[_Request] = deque()
@@ -134,6 +139,12 @@ class Engine:
         self._ids = itertools.count()
         self._cancel: set[str] = set()
         self.timings = Timings(model.device)  # where the time goes (decoder, vocabulary, sampler, commit)
+        self._static = None
+        if static:
+            from .static import StaticStep
+
+            self._static = StaticStep(model, max_batch, canvas_length, self.max_context - canvas_length, vocab_chunk)
+            self._free_slots = list(range(max_batch))
 
     @classmethod
     def from_checkpoint(cls, checkpoint, extra_soft_ids: Sequence[int] = (), **kw) -> Engine:
@@ -240,6 +251,8 @@ class Engine:
             while self._waiting and len(self._active) < self.max_batch:
                 req = self._waiting.popleft()
                 req.cache = self.model.new_cache()
+                if self._static is not None:
+                    req.slot = self._free_slots.pop(0)
                 self._active.append(req)
 
     def _groups(self, batch: list[_Request]) -> list[list[_Request]]:
@@ -271,6 +284,8 @@ class Engine:
                 r.stats.prefill_s = dt
             r.stats.commit_forwards += 1
             r.to_encode = []
+            if self._static is not None:
+                self._static.load(r.slot, r.cache)
             self._new_canvas(r)
 
     def _new_canvas(self, r: _Request) -> None:
@@ -282,8 +297,29 @@ class Engine:
         r.step, r.soft, r.history = 0, None, []
 
     def _denoise(self, events: list[Event]) -> None:
-        for group in self._groups([r for r in self._active if r.canvas is not None and not r.to_encode]):
+        ready = [r for r in self._active if r.canvas is not None and not r.to_encode]
+        if self._static is not None:
+            if ready:
+                self._denoise_static(ready, events)
+            return
+        for group in self._groups(ready):
             self._denoise_group(group, events)
+
+    def _denoise_static(self, batch: list[_Request], events: list[Event]) -> None:
+        """Every slot steps in one fixed-shape forward; slots not denoising now compute and are ignored."""
+        st = self._static
+        temps = [self._temperature(r) for r in batch]
+        for r, t in zip(batch, temps):
+            st.set_inputs(r.slot, r.canvas, r.soft, r.cache.next_position, t,
+                          r.draws.uniforms(r.canvas_index, r.step, self.canvas_length))
+        with self.timings("decoder"):  # decoder forward and vocabulary pass are one step (one graph) here
+            st.run()
+        with self.timings("sampler"):
+            for r, t in zip(batch, temps):
+                rows = st.rows(r.slot)
+                soft = st.next_soft[rows].clone() if r.step + 1 < r.params.max_denoising_steps else None
+                self._update(r, t, st.argmax[rows].clone(), st.entropy[rows].clone(), st.sample[rows].clone(),
+                             soft, events)
 
     def _denoise_group(self, batch: list[_Request], events: list[Event]) -> None:
         L, model = self.canvas_length, self.model
@@ -370,6 +406,10 @@ class Engine:
         r.stats.total_s = time.perf_counter() - r.t_start
         if r.cache is not None:
             r.cache.free()
+        if self._static is not None and r.slot >= 0:
+            self._static.clear(r.slot)
+            self._free_slots.append(r.slot)
+            r.slot = -1
         if r in self._active:
             self._active.remove(r)
         events.append(CommitEvent(r.id, r.canvas_index if canvas_no is None else canvas_no, new, reason, r.stats))

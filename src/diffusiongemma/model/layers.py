@@ -139,7 +139,9 @@ class Experts(nn.Module):
         n, k = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # counted by scatter, not bincount: CUDA's bincount reads the max back to the host (no graph capture)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         rows = x[order // k]  # [N*K, D], grouped by expert
         hidden = self._grouped(rows, self.gate_up_proj, counts, transpose=True)
         gate, up = hidden.split(self.intermediate, dim=-1)
