@@ -62,6 +62,8 @@ def test_bad_images_are_clear_errors(tmp_path):
     _img(64, 64).save(buf, format="PNG")
     with pytest.raises(ImageError, match="corrupt or truncated"):
         preprocess(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="corrupt or truncated"):  # a PNG signature, then a cut header
+        preprocess(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ImageError, match="cannot read image"):
         preprocess(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="max_soft_tokens"):

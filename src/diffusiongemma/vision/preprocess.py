@@ -80,6 +80,8 @@ def load_image(source) -> PIL.Image.Image:  # noqa: F821
             raise ImageError("not an image (unrecognised format)") from None
         except Image.DecompressionBombError as e:
             raise ImageError(f"image too large: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # a header that is cut short or inconsistent
+            raise ImageError(f"corrupt or truncated image: {e}") from None
     w, h = image.size
     if w <= 0 or h <= 0:
         raise ImageError("empty image")
