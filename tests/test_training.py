@@ -149,3 +149,26 @@ def test_lora_fine_tune_lowers_loss_and_merges_once(tmp_path):
         torch.testing.assert_close(mode.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
     assert dg.load(tmp_path / "lora").model.layers[0].self_attn.q_proj.weight.allclose(
         model.layers[0].self_attn.q_proj.weight)
+
+
+def test_qk_norm_init_gives_unit_scale_attention_logits():
+    """`--qk-norm-init`: q.k starts near unit scale instead of ~sqrt(head_dim) (the reference's ones)."""
+    from diffusiongemma.bench.checkpoints import init_reference_
+    from diffusiongemma.loader import build_text_model
+    from diffusiongemma.training import recipe as R
+
+    model = build_text_model(R.model_config(512), device="cpu")
+    init_reference_(model, seed=0)
+    x = torch.randn(64, model.config.hidden_size)
+
+    def logit_std():
+        att = model.layers[0].self_attn
+        q = att.q_norm(att.q_proj(x).view(64, att.heads, att.head_dim))[:, 0]
+        k = att.k_norm(att.k_proj(x).view(64, att.kv_heads, att.head_dim))[:, 0]
+        return float((q @ k.T).std())
+
+    with torch.no_grad():
+        before = logit_std()
+        R.init_qk_norms_(model)
+        after = logit_std()
+    assert before > 4 and 0.5 < after < 2, (before, after)

@@ -53,6 +53,8 @@ def _text_stage(a, out: Path, rec, passages):
     config = R.model_config(tok.vocab_size)
     model = build_text_model(config, device="cpu")
     init_reference_(model, seed=a.seed)
+    if a.qk_norm_init:
+        R.init_qk_norms_(model)
     data = TaskMixture(PromptBuilder(tok, ChatTemplate.from_dir(out, tok.special_tokens_map())), rec.weights,
                        passages, seed=a.seed)
     tcfg = TrainConfig(steps=a.steps or rec.steps, batch_size=a.batch_size or rec.batch_size, lr=a.lr or rec.lr,
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after", type=int, help="end this run at that step (resume later with --resume)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    ap.add_argument("--qk-norm-init", action="store_true",
+                    help="recipe: start q/k norm weights at head_dim^-1/4 (unit-scale attention logits at init)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,19 @@ def init_vision_(vision, seed: int = 0, std: float = 0.02) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std if p.ndim >= 2 else torch.ones(p.shape))
 
 
+def init_qk_norms_(model) -> None:
+    """Start the q/k RMSNorm weights at head_dim^-1/4, so q.k starts at unit scale rather than ~sqrt(head_dim)
+    (the reference's all-ones init, with attention scale 1.0, makes attention near one-hot at random).
+    Off by default (the shipped model was trained without it); `train --qk-norm-init` turns it on."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.layers:
+            w = layer.self_attn.head_dim ** -0.25
+            layer.self_attn.q_norm.weight.fill_(w)
+            layer.self_attn.k_norm.weight.fill_(w)
+
+
 def generation_config() -> GenerationConfig:
     # the release's sampler settings; max_new_tokens is only the default for requests that give none
     return GenerationConfig(max_new_tokens=256, eos_token_id=STOP_IDS, pad_token_id=0, bos_token_id=2)
