@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

@@ -24,36 +24,11 @@ they need the step's outputs; the encoder (prefill and commit) keeps dynamic sha
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..model import DiffusionGemmaText
+from ..model.attention import StaticDecoderPass
 from ..sampling.vocab import vocab_pass
-
-
-class _StaticDecoderPass:
-    """Decoder mode over the static buffers: canvas queries see their slot's valid cached keys and the
-    whole canvas."""
-
-    layer_scalar = "layer_scalar"
-
-    def __init__(self, step: StaticStep):
-        self.s = step
-
-    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
-        s = self.s
-        b, n = s.slots, s.canvas_length
-        q, k, v = (t.view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
-        kb, vb = s.k[layer], s.v[layer]
-        cap = kb.shape[2] - n
-        kb[:, :, cap:] = k  # the canvas keys go into the tail: no concatenation, fixed addresses
-        vb[:, :, cap:] = v
-        out = F.scaled_dot_product_attention(q, kb, vb, attn_mask=s.masks[layer_type], scale=1.0,
-                                             enable_gqa=kb.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(b * n, *out.shape[-3:-2], out.shape[-1])
-
-    def finish(self) -> None:
-        pass
 
 
 class StaticStep:
@@ -89,7 +64,7 @@ class StaticStep:
         self.entropy = torch.zeros(rows, dtype=torch.float32, device=dev)
         self.sample = torch.zeros(rows, dtype=torch.long, device=dev)
         self.next_soft = torch.zeros_like(self.soft)
-        self._mode = _StaticDecoderPass(self)
+        self._mode = StaticDecoderPass(self.k, self.v, self.masks, slots, canvas_length)
         self._graph = None
 
     # -- slots -----------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ sequences in the packed batch and their caches:
 - `DecoderPass` (a denoising step): every canvas query sees every cached key of that layer (the last
   window-1 on sliding layers, the same window for all canvas queries, as the reference's sdpa path)
   plus every canvas key; the cache is read, never written.
+- `StaticDecoderPass`: the same attention over fixed-shape key buffers with a validity mask
+  (`engine.static`, for CUDA graphs); `Batch*Pass`: the training passes over padded batches.
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
         scale=1.0, enable_gqa=k.shape[0] != q.shape[1],
     )
     return out[0].transpose(0, 1)
+
+
+def _heads_first(b: int, n: int, *ts: torch.Tensor):
+    """Packed rows [b*n, H, d] -> [b, H, n, d] views, one per tensor."""
+    return (t.view(b, n, *t.shape[1:]).transpose(1, 2) for t in ts)
+
+
+def _batched_sdpa(q, k, v, mask) -> torch.Tensor:
+    """q [b, H, n, d], k/v [b, Hkv, T, d], boolean mask -> packed rows [b*n, H, d]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b * n, h, d)
 
 
 class _Pass:
@@ -172,12 +186,9 @@ class BatchEncoderPass:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
-        b, s = self.b, self.s
-        q, k, v = (t.view(b, s, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # [B, H, S, d]
+        q, k, v = _heads_first(self.b, self.s, q, k, v)  # [B, H, S, d]
         self.kv[layer] = (k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[layer_type], scale=1.0,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(b * s, *out.shape[-3:-2], out.shape[-1])
+        return _batched_sdpa(q, k, v, self.masks[layer_type])
 
     def finish(self) -> None:
         pass
@@ -203,15 +214,34 @@ class BatchDecoderPass:
                       (("full_attention", full), ("sliding_attention", sliding))}
 
     def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
-        b, n = self.b, self.l
-        q, k, v = (t.view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        q, k, v = _heads_first(self.b, self.l, q, k, v)
         ek, ev = self.enc.kv[layer]
         if self.rows is not None:
             ek, ev = ek[self.rows], ev[self.rows]
-        out = F.scaled_dot_product_attention(q, torch.cat([ek, k], 2), torch.cat([ev, v], 2),
-                                             attn_mask=self.masks[layer_type], scale=1.0,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(b * n, *out.shape[-3:-2], out.shape[-1])
+        return _batched_sdpa(q, torch.cat([ek, k], 2), torch.cat([ev, v], 2), self.masks[layer_type])
+
+    def finish(self) -> None:
+        pass
+
+
+class StaticDecoderPass:
+    """Bidirectional pass over `slots` canvases of `canvas_length` with fixed shapes (for CUDA graphs):
+    per layer, keys/values live in fixed buffers [slots, Hkv, capacity + canvas_length, d] whose tail
+    takes this step's canvas keys in place; `masks[layer_type]` [slots, 1, 1, capacity + canvas_length]
+    marks the valid cached keys (and the whole canvas). The buffers are owned and filled by the caller."""
+
+    layer_scalar = "layer_scalar"
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], masks: dict[str, torch.Tensor],
+                 slots: int, canvas_length: int):
+        self.k, self.v, self.masks, self.slots, self.l = k, v, masks, slots, canvas_length
+
+    def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        q, k, v = _heads_first(self.slots, self.l, q, k, v)
+        kb, vb = self.k[layer], self.v[layer]
+        kb[:, :, -self.l:] = k  # no concatenation: fixed addresses
+        vb[:, :, -self.l:] = v
+        return _batched_sdpa(q, kb, vb, self.masks[layer_type])
 
     def finish(self) -> None:
         pass
