@@ -94,7 +94,8 @@ def test_inverse_cdf_sampling_is_the_distribution():
 
 
 @pytest.mark.parametrize("m,d,v,chunk,dtype", [
-    (16, 32, 99, 8192, torch.float32),
+    (16, 32, 99, 8192, torch.float32),  # one chunk: sampled from the chunk's probabilities directly
+    (16, 32, 1024, 1024, torch.bfloat16),
     (24, 16, 1000, 256, torch.float32),  # several chunks, a partial last block
     (8, 16, 262_144, 8192, torch.float32),  # the real vocabulary size
     (12, 32, 3000, 512, torch.bfloat16),

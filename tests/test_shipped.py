@@ -62,23 +62,38 @@ def test_loads_in_transformers_with_the_same_logits(shipped_model_dir):
         torch.testing.assert_close(model.logits(model.decode(canvas[0], [cache])), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its accuracy targets (copying tasks near 0%, see the "
-                   "README table and issue 5); strict: this flags when a retrained model passes")
-def test_answers_held_out_items(shipped_model_dir):
-    """A fixed handful of held-out items with fixed seeds: most are answered exactly (the full
-    evaluation is `diffusiongemma eval`; its table is in the README)."""
-    tm = TextModel.load(shipped_model_dir)
+def _held_out_right(model_dir, families, n=4):
+    """Exact answers on a fixed handful of held-out items with fixed seeds (the full evaluation is
+    `diffusiongemma eval`; its table is in the README)."""
+    tm = TextModel.load(model_dir)
     engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids())
     right = total = 0
-    for family in ("sort", "reverse", "count"):
-        for i in range(4):
+    for family in families:
+        for i in range(n):
             ex = tasks.make_example(family, tasks.EVAL_SEEDS.start + 50_000 + i)
             turn = ex.turns[0]
             ids, images = tm.chat_inputs(turn.messages, turn.tools, turn.thinking)
             s = TextStream(tm.tokenizer)
-            engine.generate([ids], SamplingParams(max_tokens=64, seed=i), hooks=[s])
+            engine.generate([ids], SamplingParams(max_tokens=128, seed=i), hooks=[s])
             s.finish()
-            right += s.content.strip() == ex.answer
+            if family == "tools":  # the first turn is the call
+                right += len(s.calls) == 1 and s.calls[0].name == ex.call["name"] \
+                    and s.calls[0].arguments == ex.call["arguments"]
+            else:
+                right += s.content.strip() == ex.answer
             total += 1
-    assert right >= total // 2, f"{right}/{total}"
+    return right, total
+
+
+def test_answers_held_out_items(shipped_model_dir):
+    """The families the shipped model has learned (README table: reverse 98%, count 72%, tool calls 86%)."""
+    right, total = _held_out_right(shipped_model_dir, ("reverse", "count", "tools"))
+    assert right >= 3 * total // 4, f"{right}/{total}"
     assert dg.load(shipped_model_dir).config.canvas_length == 16
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model has not learned sorting or arithmetic (0% in the README "
+                   "table, issue 5); strict: this flags when a retrained model passes")
+def test_answers_held_out_sort_and_arithmetic(shipped_model_dir):
+    right, total = _held_out_right(shipped_model_dir, ("sort", "arithmetic"))
+    assert right >= total // 2, f"{right}/{total}"

@@ -78,6 +78,7 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
         if soft_acc is not None:
             soft_acc.mul_(rescale[:, None]).add_((p.to(weight.dtype) @ w).float())
         c = p.shape[1]
+        whole = p if c == v else None  # the vocabulary in one chunk: sample from p directly below
         if c % block:
             p = F.pad(p, (0, block - c % block))
         block_sums.append(p.view(m, -1, block).sum(-1, dtype=torch.float64))
@@ -85,6 +86,11 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
         run_max = new_max
 
     entropy = torch.log(run_sum) + run_max - run_pz / run_sum
+    soft = None
+    if soft_acc is not None:
+        soft = (soft_acc / run_sum[:, None]).to(weight.dtype) * embed_scale
+    if whole is not None:  # small vocabulary: p is at hand, no block search or recomputation needed
+        return VocabResult(best_idx, entropy, inverse_cdf_sample(whole, uniforms), soft)
     # exact categorical draw: locate the block containing u * total, then the token inside it
     blocks = torch.cat([s * torch.exp((r - run_max).double())[:, None] for s, r in zip(block_sums, block_refs)], 1)
     cdf = torch.cumsum(blocks, dim=1)
@@ -100,10 +106,6 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
         pb = torch.exp(zb - run_max[rs, None]).double().masked_fill(ids >= v, 0.0)
         inside = torch.searchsorted(before[rs, None] + torch.cumsum(pb, 1), target[rs, None], right=True).squeeze(1)
         sample[rs] = (bidx[rs] * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
-
-    soft = None
-    if soft_acc is not None:
-        soft = (soft_acc / run_sum[:, None]).to(weight.dtype) * embed_scale
     return VocabResult(best_idx, entropy, sample, soft)
 
 

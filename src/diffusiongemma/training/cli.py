@@ -56,7 +56,7 @@ def _text_stage(a, out: Path, rec, passages):
     if a.qk_norm_init:
         R.init_qk_norms_(model)
     data = TaskMixture(PromptBuilder(tok, ChatTemplate.from_dir(out, tok.special_tokens_map())), rec.weights,
-                       passages, seed=a.seed)
+                       passages, seed=a.seed, curriculum=rec.curriculum)
     tcfg = TrainConfig(steps=a.steps or rec.steps, batch_size=a.batch_size or rec.batch_size, lr=a.lr or rec.lr,
                        dtype=a.dtype, grad_checkpoint=a.grad_checkpoint, seed=a.seed, save_every=a.save_every,
                        stop_after=a.stop_after)
@@ -167,8 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after", type=int, help="end this run at that step (resume later with --resume)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    ap.add_argument("--qk-norm-init", action="store_true",
-                    help="recipe: start q/k norm weights at head_dim^-1/4 (unit-scale attention logits at init)")
+    ap.add_argument("--qk-norm-init", action=argparse.BooleanOptionalAction, default=True,
+                    help="recipe: start q/k norm weights at head_dim^-1/4, unit-scale attention logits at init "
+                    "(default; --no-qk-norm-init keeps the reference's all-ones init)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,24 +38,31 @@ class TaskMixture:
     """Weighted mixture of task families, text passages and (with a vision tower) image questions."""
 
     def __init__(self, builder: PromptBuilder, weights: dict[str, float],
-                 passages: Sequence[str] | None = None, seed: int = 0, max_tokens: int = 512):
-        unknown = set(weights) - set(tasks.GENERATORS) - {"text", "image"}
+                 passages: Sequence[str] | None = None, seed: int = 0, max_tokens: int = 512,
+                 curriculum: Sequence[tuple[int, dict[str, float]]] = ()):
+        """curriculum: (until step, weights) phases used before `weights` (e.g. copying tasks first)."""
+        used = {f for w in [weights, *(w for _, w in curriculum)] for f in w if w[f] > 0}
+        unknown = used - set(tasks.GENERATORS) - {"text", "image"}
         if unknown:
             raise DataError(f"unknown task families {sorted(unknown)}")
-        if weights.get("text") and not passages:
+        if "text" in used and not passages:
             raise DataError("the text family needs passages (the corpus)")
-        if weights.get("image") and builder.image_ids is None:
+        if "image" in used and builder.image_ids is None:
             raise DataError("the image family needs a model with a vision tower")
         self.builder, self.passages = builder, list(passages or [])
-        self.families = [f for f in weights if weights[f] > 0]
-        self.weights = [weights[f] for f in self.families]
+        self.phases = [(until, w) for until, w in curriculum] + [(None, weights)]
         self.seed, self.max_tokens = seed, max_tokens
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        return next(w for until, w in self.phases if until is None or step < until)
 
     def batch(self, step: int, size: int) -> list[tuple[list[int], list[int], list]]:
         rng = random.Random(key_seed(self.seed, step, 0, 7))
+        weights = self.weights_at(step)
+        families = [f for f in weights if weights[f] > 0]
         out = []
         while len(out) < size:
-            family = rng.choices(self.families, self.weights)[0]
+            family = rng.choices(families, [weights[f] for f in families])[0]
             seed = rng.randrange(tasks.TRAIN_SEEDS.stop)
             if family == "image":
                 from .vision_tasks import QUESTION_TYPES, image_example

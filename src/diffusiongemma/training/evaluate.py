@@ -84,9 +84,9 @@ def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0,
 
 @torch.no_grad()
 def text_loss(tm: TextModel, items: int, seed: int) -> dict:
+    """Mean diffusion loss and next-token loss on held-out corpus passages (seeded noise draws)."""
     if items <= 0:
         return {}
-    """Mean diffusion loss (t on a fixed grid) and next-token loss on held-out corpus passages."""
     from .corpus import CorpusError, split_corpus
     from .data import render_turn
     from .objective import ObjectiveConfig, compute_loss, make_batch
@@ -102,9 +102,9 @@ def text_loss(tm: TextModel, items: int, seed: int) -> dict:
     diff, ar = [], []
     for i in range(0, len(pairs), 16):
         g = torch.Generator().manual_seed(seed + i)
-        batch = make_batch(pairs[i:i + 16], cfg.canvas_length, tm.tokenizer.require_id("<eos>"),
+        batch = make_batch(pairs[i:i + 16], cfg, model.config.vocab_size, tm.tokenizer.require_id("<eos>"),
                            tm.tokenizer.require_id("<pad>"), g)
-        _, parts = compute_loss(model, batch, cfg, g)
+        _, parts = compute_loss(model, batch, cfg)
         diff.append(parts["diffusion"])
         ar.append(parts["ar"])
     return {"items": len(pairs), "diffusion_loss": statistics.mean(diff), "ar_loss": statistics.mean(ar)}

@@ -60,6 +60,9 @@ class TrainBatch:
     canvas: torch.Tensor  # [R, L] clean tokens of the chosen canvases
     prompt_len: torch.Tensor  # [B]
     rows: torch.Tensor  # [R] the example (encoder row) of each chosen canvas
+    t: torch.Tensor  # [R] noise time of each chosen canvas
+    noisy: torch.Tensor  # [R, L] the chosen canvases corrupted at time t
+    self_cond: torch.Tensor  # [R] bool: this canvas gets the two-pass self-conditioning
     images: list = field(default_factory=list)  # preprocessed images, in row-major order of their soft tokens
 
     @property
@@ -74,19 +77,37 @@ def chunk_response(response: list[int], canvas_length: int, end_id: int) -> list
     return [padded[i * canvas_length:(i + 1) * canvas_length] for i in range(n)]
 
 
-def make_batch(pairs: list[tuple], canvas_length: int, end_id: int, pad_id: int,
-               generator: torch.Generator, canvases_per_example: int = 1) -> TrainBatch:
-    """(prompt ids, response ids[, images]) items -> one batch, canvases chosen uniformly per example."""
+def padded_length(item: tuple, canvas_length: int) -> int:
+    """Encoder length of an item: its prompt plus its response chunked into whole canvases."""
+    return len(item[0]) + canvas_length * max(1, math.ceil(len(item[1]) / canvas_length))
+
+
+def make_batch(pairs: list[tuple], cfg: ObjectiveConfig, vocab_size: int, end_id: int, pad_id: int,
+               generators: torch.Generator | list[torch.Generator]) -> TrainBatch:
+    """(prompt ids, response ids[, images]) items -> one batch with every random draw of the objective made:
+    per example `cfg.canvases_per_example` canvases chosen uniformly, each with its time t ~ U(eps, 1), its
+    corruption and its self-conditioning coin. With one generator per example the draws of an example do not
+    depend on the rest of the batch, so splitting a batch into micro-batches leaves the loss unchanged."""
+    L = cfg.canvas_length
+    gens = generators if isinstance(generators, list) else [generators] * len(pairs)
+    if len(gens) != len(pairs):
+        raise ValueError(f"{len(gens)} generators for {len(pairs)} examples")
     rows, contexts, canvases, plens, owner, images = [], [], [], [], [], []
-    for i, item in enumerate(pairs):
+    times, noisy, self_cond = [], [], []
+    for i, (item, g) in enumerate(zip(pairs, gens)):
         prompt, response = item[0], item[1]
         images += list(item[2]) if len(item) > 2 else []
         plens.append(len(prompt))
-        chunks = chunk_response(response, canvas_length, end_id)
+        chunks = chunk_response(response, L, end_id)
         rows.append(prompt + sum(chunks, []))
-        for _ in range(canvases_per_example):
-            k = int(torch.randint(len(chunks), (1,), generator=generator))
-            contexts.append(len(prompt) + k * canvas_length)
+        for _ in range(cfg.canvases_per_example):
+            k = int(torch.randint(len(chunks), (1,), generator=g))
+            clean = torch.tensor([chunks[k]])
+            t = sample_time(1, cfg.t_eps, g)
+            noisy.append(corrupt(clean, t, vocab_size, g)[0][0])
+            times.append(t[0])
+            self_cond.append(bool(torch.rand((), generator=g) < cfg.self_cond_prob))
+            contexts.append(len(prompt) + k * L)
             canvases.append(chunks[k])
             owner.append(i)
     s = max(map(len, rows))
@@ -96,10 +117,28 @@ def make_batch(pairs: list[tuple], canvas_length: int, end_id: int, pad_id: int,
         tokens[i, :len(r)] = torch.tensor(r)
         valid[i, :len(r)] = True
     return TrainBatch(tokens, valid, torch.tensor(contexts), torch.tensor(canvases), torch.tensor(plens),
-                      torch.tensor(owner), images)
+                      torch.tensor(owner), torch.stack(times), torch.stack(noisy), torch.tensor(self_cond), images)
 
 
-def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig, generator: torch.Generator,
+def micro_batches(lengths: list[int], overhead: int = 512) -> list[list[int]]:
+    """Split a batch into micro-batches of similar length: indices sorted by length, cut where it minimises
+    the padded encoder tokens (each micro-batch costs n * its longest length) plus `overhead` per micro-batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: cost of the first j sorted items
+        for i in range(j):
+            c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig,
                  checkpoint: bool = False, vision=None, soft_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[str, float]]:
     dev = model.device
     tokens, valid = batch.tokens.to(dev), batch.valid.to(dev)
@@ -137,10 +176,8 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
         total = total + cfg.ar_weight * ar
         parts["ar"] = ar.item()
 
-    # decoder: the chosen canvases, corrupted at time t
-    t = sample_time(r, cfg.t_eps, generator).to(dev)
-    noisy, _ = corrupt(clean.cpu(), t.cpu(), V, generator)
-    noisy = noisy.to(dev)
+    # decoder: the chosen canvases, corrupted at time t (drawn by make_batch)
+    t, noisy = batch.t.to(dev), batch.noisy.to(dev)
 
     def decode(sel, soft):  # the canvases `sel` (indices into the R canvases)
         x = model.self_conditioning(model.embed(noisy[sel].reshape(-1)), soft)
@@ -150,8 +187,8 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
 
     everything = torch.arange(r, device=dev)
     soft = None
-    use_sc = torch.rand(r, generator=generator).to(dev) < cfg.self_cond_prob
-    if cfg.self_cond_prob > 0 and bool(use_sc.any()):
+    use_sc = batch.self_cond.to(dev)
+    if bool(use_sc.any()):
         sc_rows = use_sc.nonzero().squeeze(1)
         with torch.no_grad():  # first pass only for the canvases that will be conditioned on it
             first = model.logits(decode(sc_rows, None))

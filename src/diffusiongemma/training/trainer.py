@@ -22,10 +22,16 @@ from ..loader import load, save
 from ..model import DiffusionGemmaText
 from ..sampling.draws import key_seed
 from .lora import load_adapters, save_adapters
-from .objective import ObjectiveConfig, compute_loss, make_batch
+from .objective import ObjectiveConfig, compute_loss, make_batch, micro_batches, padded_length
 
 STATE = "trainer_state.pt"
 CURVE = "loss_curve.jsonl"
+
+
+def curve_name(stage: str) -> str:
+    """The loss-curve file of a stage: `loss_curve.jsonl`, or `loss_curve_<stage>.jsonl` for later stages
+    (the shipped recipe's vision stage), so a second stage in the same directory keeps the first's curve."""
+    return CURVE if stage in ("main", "text") else f"loss_curve_{stage}.jsonl"
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrainConfig:
     clip: float = 1.0
     dtype: str = "float32"  # compute dtype: float32, or bfloat16 autocast over fp32 master weights
     grad_checkpoint: bool = False
+    micro_batching: bool = True  # split each batch by length (same gradient, less padding)
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     stop_after: int | None = None  # end this run early at that step (resumable; the schedule keeps `steps`)
@@ -100,16 +107,29 @@ class Trainer:
         return True
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step. The batch is split into micro-batches of similar length (less padding in the
+        encoder); every random draw is per example, so the split does not change the loss or its gradient."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(key_seed(cfg.seed, step, 0, 9))
-        batch = make_batch(self.data.batch(step, cfg.batch_size), self.obj.canvas_length, self.end_id,
-                           self.pad_id, gen, self.obj.canvases_per_example)
+        items = self.data.batch(step, cfg.batch_size)
+        gens = [torch.Generator().manual_seed(key_seed(cfg.seed, step, i, 9)) for i in range(len(items))]
+        L = self.obj.canvas_length
+        groups = (micro_batches([padded_length(it, L) for it in items]) if cfg.micro_batching
+                  else [list(range(len(items)))])
         self.model.train()
-        autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-        with autocast:
-            loss, parts = compute_loss(self.model, batch, self.obj, gen, cfg.grad_checkpoint, self.vision, self.soft_ids)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        parts: dict[str, float] = {"tokens": 0}
+        for group in groups:
+            batch = make_batch([items[i] for i in group], self.obj, self.model.config.vocab_size, self.end_id,
+                               self.pad_id, [gens[i] for i in group])
+            share = len(group) / len(items)
+            with autocast:
+                loss, sub = compute_loss(self.model, batch, self.obj, cfg.grad_checkpoint, self.vision, self.soft_ids)
+            (loss * share).backward()
+            for k, v in sub.items():
+                parts[k] = parts.get(k, 0.0) + v * share
+            parts["tokens"] += batch.num_tokens
+        parts["micro_batches"] = len(groups)
         params = list(self.model.parameters()) + (list(self.vision.parameters()) if self.vision is not None else [])
         parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         lr = lr_at(step, cfg)
@@ -117,7 +137,6 @@ class Trainer:
             g["lr"] = lr
         self.opt.step()
         parts["lr"] = lr
-        parts["tokens"] = batch.num_tokens
         return parts
 
     def save(self) -> None:
@@ -132,7 +151,7 @@ class Trainer:
     def run(self) -> list[dict]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        curve_path = self.out / CURVE
+        curve_path = self.out / curve_name(self.stage)
         if self.step == 0 and curve_path.exists():
             curve_path.unlink()
         rows, t0, tokens = [], time.perf_counter(), 0
