@@ -229,3 +229,14 @@ def test_task_mixture_follows_its_curriculum(shipped_model_dir):
     assert mix.batch(4, 8) == early  # a function of (seed, step)
     with pytest.raises(DataError, match="passages"):
         TaskMixture(builder, {"count": 1.0}, curriculum=[(5, {"text": 1.0})])
+
+
+def test_a_later_stage_keeps_the_first_stages_loss_curve(tmp_path):
+    run(tmp_path, 2)
+    first = (tmp_path / "loss_curve.jsonl").read_text()
+    model, config = tiny_setup()
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, progress=False)
+    Trainer(model, config, GenerationConfig(eos_token_id=(1, 106)), SortData(), ObjectiveConfig(8), cfg, tmp_path, 1, 0,
+            stage="vision").run()
+    assert (tmp_path / "loss_curve.jsonl").read_text() == first
+    assert len((tmp_path / "loss_curve_vision.jsonl").read_text().splitlines()) == 2
