@@ -52,6 +52,7 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
     m, d = hidden.shape
     v = weight.shape[0]
     chunk = max(block, (min(chunk, v) // block) * block)
+    one_chunk = chunk >= v  # then p of the one chunk is the whole distribution: sampled from directly
     t = temps.float()[:, None]
     dev = hidden.device
 
@@ -77,20 +78,21 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
         run_pz = run_pz * rescale + (p * z).sum(-1)
         if soft_acc is not None:
             soft_acc.mul_(rescale[:, None]).add_((p.to(weight.dtype) @ w).float())
+        run_max = new_max
+        if one_chunk:
+            continue
         c = p.shape[1]
-        whole = p if c == v else None  # the vocabulary in one chunk: sample from p directly below
         if c % block:
             p = F.pad(p, (0, block - c % block))
         block_sums.append(p.view(m, -1, block).sum(-1, dtype=torch.float64))
         block_refs.append(new_max)
-        run_max = new_max
 
     entropy = torch.log(run_sum) + run_max - run_pz / run_sum
     soft = None
     if soft_acc is not None:
         soft = (soft_acc / run_sum[:, None]).to(weight.dtype) * embed_scale
-    if whole is not None:  # small vocabulary: p is at hand, no block search or recomputation needed
-        return VocabResult(best_idx, entropy, inverse_cdf_sample(whole, uniforms), soft)
+    if one_chunk:  # small vocabulary: p is at hand, no block search or recomputation needed
+        return VocabResult(best_idx, entropy, inverse_cdf_sample(p, uniforms), soft)
     # exact categorical draw: locate the block containing u * total, then the token inside it
     blocks = torch.cat([s * torch.exp((r - run_max).double())[:, None] for s, r in zip(block_sums, block_refs)], 1)
     cdf = torch.cumsum(blocks, dim=1)

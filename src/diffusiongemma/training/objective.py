@@ -70,16 +70,20 @@ class TrainBatch:
         return int(self.valid.sum()) + self.canvas.numel()
 
 
+def num_canvases(response_len: int, canvas_length: int) -> int:
+    return max(1, math.ceil(response_len / canvas_length))
+
+
 def chunk_response(response: list[int], canvas_length: int, end_id: int) -> list[list[int]]:
     """Canvases of the response; the last one filled with `end_id` up to the canvas length."""
-    n = max(1, math.ceil(len(response) / canvas_length))
+    n = num_canvases(len(response), canvas_length)
     padded = response + [end_id] * (n * canvas_length - len(response))
     return [padded[i * canvas_length:(i + 1) * canvas_length] for i in range(n)]
 
 
 def padded_length(item: tuple, canvas_length: int) -> int:
     """Encoder length of an item: its prompt plus its response chunked into whole canvases."""
-    return len(item[0]) + canvas_length * max(1, math.ceil(len(item[1]) / canvas_length))
+    return len(item[0]) + canvas_length * num_canvases(len(item[1]), canvas_length)
 
 
 def make_batch(pairs: list[tuple], cfg: ObjectiveConfig, vocab_size: int, end_id: int, pad_id: int,
@@ -125,11 +129,11 @@ def micro_batches(lengths: list[int], overhead: int = 512) -> list[list[int]]:
     the padded encoder tokens (each micro-batch costs n * its longest length) plus `overhead` per micro-batch."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
-    best, cut = [0] + [None] * n, [0] * (n + 1)
-    for j in range(1, n + 1):  # best[j]: cost of the first j sorted items
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: cost of the first j sorted items, the last group ending at j
         for i in range(j):
             c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
-            if best[j] is None or c < best[j]:
+            if c < best[j]:
                 best[j], cut[j] = c, i
     groups, j = [], n
     while j > 0:
