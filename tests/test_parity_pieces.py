@@ -105,6 +105,29 @@ def test_moe_grouped_path_matches_reference_in_bf16():
     torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_dense_path_equals_grouped_path_and_reference(dtype, monkeypatch):
+    """A small bf16/fp16 step without gradients runs every expert on every row (`forward_dense`); it must
+    give the grouped path's numbers and the reference's (fp32 always takes the grouped path)."""
+    hf = make_hf_model(5, num_experts=8, top_k_experts=3, hidden_size=64, moe_intermediate_size=16)
+    experts = Experts(ours_config(hf.config.text_config))
+    copy_(experts, hf.model.decoder.layers[0].experts)
+    experts = experts.to(dtype).requires_grad_(False)
+    x = 4 * torch.randn(40, 64).to(dtype)
+    index = torch.stack([torch.randperm(8)[:3] for _ in range(40)])
+    w = torch.rand(40, 3)
+    dense = experts(x, index, w)  # 40 rows x 8 experts <= DENSE_LIMIT: the dense path
+    torch.testing.assert_close(dense, experts.forward_dense(x, index, w), atol=0, rtol=0)
+    monkeypatch.setattr(Experts, "DENSE_LIMIT", 0)
+    grouped = experts(x, index, w)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dense.float(), grouped.float(), **tol)
+    torch.testing.assert_close(dense.float(), experts.forward_reference(x, index, w).float(), **tol)
+    monkeypatch.setattr(Experts, "DENSE_LIMIT", 4096)
+    monkeypatch.setattr(Experts, "forward_dense", lambda *a: pytest.fail("fp32 took the dense path"))
+    experts.float()(x.float(), index, w)
+
+
 def _attention_pair(hf, layer_idx):
     cfg = ours_config(hf.config.text_config)
     enc_t = hf.model.encoder.language_model.layers[layer_idx].self_attn

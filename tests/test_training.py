@@ -92,6 +92,20 @@ def test_loss_variants_and_gradients_reach_encoder_and_decoder(variant):
     assert model.self_conditioning.down_proj.weight.grad.abs().sum() > 0  # second pass conditions on the first
 
 
+def test_bf16_autocast_step_with_self_conditioning(tmp_path):
+    """`--dtype bfloat16` trains under autocast over fp32 weights; the self-conditioning pass writes a bf16
+    soft embedding into the fp32 buffer (this once failed with a dtype mismatch)."""
+    model, config = tiny_setup()
+    obj = ObjectiveConfig(8, self_cond_prob=1.0)
+    cfg = TrainConfig(steps=2, batch_size=4, lr=3e-3, warmup=1, progress=False, dtype="bfloat16")
+    tr = Trainer(model, config, GenerationConfig(eos_token_id=(1, 106)), SortData(), obj, cfg, tmp_path, 1, 0)
+    before = model.self_conditioning.down_proj.weight.detach().clone()
+    rows = [tr.train_step(s) for s in range(2)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(model.self_conditioning.down_proj.weight, before)  # the conditioned pass trained
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):

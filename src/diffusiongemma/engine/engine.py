@@ -209,7 +209,7 @@ class Engine:
         return len(self._waiting)
 
     # -- the loop --------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping on any op of the step
     def step(self) -> list[Event]:
         events: list[Event] = []
         self._drop_cancelled(events)

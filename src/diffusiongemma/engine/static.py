@@ -113,7 +113,7 @@ class StaticStep:
         self.sample.copy_(res.sample)
         self.next_soft.copy_(res.soft)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self) -> None:
         """One denoising step of every slot (results in argmax/entropy/sample/next_soft)."""
         if not self.graph_enabled:

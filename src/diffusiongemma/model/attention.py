@@ -149,19 +149,49 @@ class EncoderPass(_Pass):
 
 
 class DecoderPass(_Pass):
-    """Bidirectional pass over canvases that reads the caches and never writes them."""
+    """Bidirectional pass over canvases that reads the caches and never writes them.
+
+    Several sequences attend either one by one, or, when the work is small (many short sequences: a
+    dispatch-bound step, where one call beats B calls), in one call over all their keys laid end to end
+    with a block mask (each canvas sees its own cache and its own canvas). `pack` forces either way.
+    """
 
     layer_scalar = "layer_scalar"
+    PACK_LIMIT = 1 << 18  # at most this many (query, key) pairs in one packed call
+
+    def __init__(self, caches: Sequence[KVCache], lengths: Sequence[int], pack: bool | None = None):
+        super().__init__(caches, lengths)
+        self.pack = pack
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # by cached lengths (sliding and full layers)
 
     def attend(self, layer: int, layer_type: str, q, k, v) -> torch.Tensor:
+        past = [cache.layer(layer) for cache in self.caches]
+        pack = self.pack
+        if pack is None:
+            pairs = q.shape[0] * (q.shape[0] + sum(pk.shape[1] for pk, _ in past))
+            pack = len(past) > 1 and pairs <= self.PACK_LIMIT
+        if pack:
+            return self._attend_packed(past, q, k, v)
         outs = []
-        for i, cache in enumerate(self.caches):
+        for i, (past_k, past_v) in enumerate(past):
             qi, ki, vi = (self._split(t, i) for t in (q, k, v))
-            past_k, past_v = cache.layer(layer)
             keys = torch.cat([past_k, ki.transpose(0, 1)], dim=1)
             values = torch.cat([past_v, vi.transpose(0, 1)], dim=1)
             outs.append(_sdpa(qi, keys, values, None))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_packed(self, past, q, k, v) -> torch.Tensor:
+        """Keys [cache_0 .. cache_B-1, canvas keys of all sequences]; mask by sequence."""
+        keys = torch.cat([pk for pk, _ in past] + [k.transpose(0, 1)], dim=1)
+        values = torch.cat([pv for _, pv in past] + [v.transpose(0, 1)], dim=1)
+        cached = tuple(pk.shape[1] for pk, _ in past)
+        mask = self._masks.get(cached)
+        if mask is None:
+            seq = torch.arange(len(past), device=q.device)
+            q_seq = seq.repeat_interleave(torch.tensor(self.lengths, device=q.device))
+            k_seq = torch.cat([seq.repeat_interleave(torch.tensor(cached, device=q.device)), q_seq])
+            mask = self._masks[cached] = q_seq[:, None] == k_seq[None, :]
+        return _sdpa(q, keys, values, mask)
 
     def finish(self) -> None:
         pass

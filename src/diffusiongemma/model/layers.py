@@ -134,8 +134,18 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
+    # Every expert on every row when that is at most this many (row, expert) pairs, no gradient is needed and
+    # the dtype is reduced (bf16/fp16): on a small step one batched matmul per projection beats E small ones
+    # (a dispatch-bound CPU step). fp32, the parity dtype, keeps the reference's per-expert products: a
+    # different row count changes fp32 GEMM rounding, enough to flip a sampled token against transformers.
+    DENSE_LIMIT = 4096
+
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sort the (token, slot) assignments by expert and run each expert once on its rows."""
+        """Sort the (token, slot) assignments by expert and run each expert once on its rows
+        (or every expert on every row, `forward_dense`, when that is small)."""
+        if (x.shape[0] * self.num_experts <= self.DENSE_LIMIT and x.dtype in (torch.bfloat16, torch.float16)
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad))):
+            return self.forward_dense(x, index, weights)
         n, k = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -152,6 +162,15 @@ class Experts(nn.Module):
         # sum the k slots of each token in slot order, in fp32, rounding once
         out = unsorted.view(n, k, -1).sum(dim=1)
         return out.to(x.dtype)
+
+    def forward_dense(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All E experts on all N rows in two batched matmuls, then each row's k slots picked and summed
+        in slot order in fp32, as `forward` does."""
+        n, k = index.shape
+        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).split(self.intermediate, dim=-1)  # [E, N, I]
+        hidden = torch.matmul(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, D]
+        picked = hidden[index, torch.arange(n, device=x.device)[:, None]]  # [N, k, D]
+        return (picked * weights[..., None]).sum(dim=1).to(x.dtype)
 
     @staticmethod
     def _grouped(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, transpose: bool) -> torch.Tensor:

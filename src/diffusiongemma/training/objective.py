@@ -197,7 +197,8 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
         with torch.no_grad():  # first pass only for the canvases that will be conditioned on it
             first = model.logits(decode(sc_rows, None))
         soft = torch.zeros(r * L, model.config.hidden_size, dtype=model.dtype, device=dev)
-        soft.view(r, L, -1)[sc_rows] = model.soft_embedding(first).view(len(sc_rows), L, -1)
+        # under bf16 autocast the soft embedding comes out bf16; the buffer keeps the weights' dtype
+        soft.view(r, L, -1)[sc_rows] = model.soft_embedding(first).view(len(sc_rows), L, -1).to(soft.dtype)
     logits = model.logits(decode(everything, soft)).view(r, L, V)
     if cfg.loss == "loo":
         alpha = (1 - t).clamp(1e-6, 1 - 1e-6)
