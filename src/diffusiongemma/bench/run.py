@@ -100,8 +100,8 @@ def worker(side: str, a) -> dict:
         from ..engine import Engine, SamplingParams
 
         ck = dg.load(model_dir, dtype=dtype)
-        vocab, L, stops = ck.config.text.vocab_size, ck.config.canvas_length, ck.generation_config.eos_token_id
         weights = _touch(ck.model.parameters())
+        vocab, L, stops = ck.config.text.vocab_size, ck.config.canvas_length, ck.generation_config.eos_token_id
         engine = Engine.from_checkpoint(ck)
         engine.timings.enabled = True
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import TextConfig
-from .layers import RMSNorm, apply_rope, rms
+from .layers import RMSNorm, apply_rope, may_reorder_sums, rms
 
 
 class Attention(nn.Module):
@@ -151,9 +151,10 @@ class EncoderPass(_Pass):
 class DecoderPass(_Pass):
     """Bidirectional pass over canvases that reads the caches and never writes them.
 
-    Several sequences attend either one by one, or, when the work is small (many short sequences: a
-    dispatch-bound step, where one call beats B calls), in one call over all their keys laid end to end
-    with a block mask (each canvas sees its own cache and its own canvas). `pack` forces either way.
+    Several sequences attend either one by one, or, in reduced-precision inference (`may_reorder_sums`)
+    when the work is small (many short sequences: a dispatch-bound step, where one call beats B calls), in
+    one call over all their keys laid end to end with a block mask (each canvas sees its own cache and its
+    own canvas). `pack` forces either way.
     """
 
     layer_scalar = "layer_scalar"
@@ -169,7 +170,7 @@ class DecoderPass(_Pass):
         pack = self.pack
         if pack is None:
             pairs = q.shape[0] * (q.shape[0] + sum(pk.shape[1] for pk, _ in past))
-            pack = len(past) > 1 and pairs <= self.PACK_LIMIT
+            pack = len(past) > 1 and pairs <= self.PACK_LIMIT and may_reorder_sums(q)
         if pack:
             return self._attend_packed(past, q, k, v)
         outs = []

@@ -21,6 +21,16 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def may_reorder_sums(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a fast path that reorders floating-point sums (experts batched over all rows, several
+    sequences' attention in one masked call) may run: reduced-precision (bf16/fp16) inference only. fp32,
+    the parity dtype, and training keep the reference's order of operations: in fp32 such a reordering moves
+    logits by an ulp, enough to flip a sampled token against transformers' `generate`."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
+
+
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * (mean(x^2) + eps)^-1/2 in fp32 (the reference uses pow(., -0.5), not rsqrt)."""
     xf = x.float()
@@ -134,17 +144,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
-    # Every expert on every row when that is at most this many (row, expert) pairs, no gradient is needed and
-    # the dtype is reduced (bf16/fp16): on a small step one batched matmul per projection beats E small ones
-    # (a dispatch-bound CPU step). fp32, the parity dtype, keeps the reference's per-expert products: a
-    # different row count changes fp32 GEMM rounding, enough to flip a sampled token against transformers.
+    # Every expert on every row when that is at most this many (row, expert) pairs (and `may_reorder_sums`):
+    # on a small step one batched matmul per projection beats E small ones (a dispatch-bound CPU step).
     DENSE_LIMIT = 4096
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the (token, slot) assignments by expert and run each expert once on its rows
         (or every expert on every row, `forward_dense`, when that is small)."""
-        if (x.shape[0] * self.num_experts <= self.DENSE_LIMIT and x.dtype in (torch.bfloat16, torch.float16)
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad))):
+        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, self.gate_up_proj):
             return self.forward_dense(x, index, weights)
         n, k = index.shape
         flat = index.reshape(-1)
