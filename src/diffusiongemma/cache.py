@@ -56,22 +56,24 @@ class KVCache:
 
     # -- writing (encoder only) ----------------------------------------------------------------
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append new tokens' keys/values ([kv_heads, T, head_dim]) to layer i."""
+        """Append new tokens' keys/values ([kv_heads, T, head_dim]) to layer i.
+
+        Storage always has at least one spare row past the stored tokens, so `stored < buffer size` holds at
+        every step (a compiled step (`KVView`) then sees one relation between the two, and compiles once)."""
         t = k.shape[1]
         n = self._len[i]
         keep = (self.window - 1) if self._sliding[i] else None
         if keep is not None and n + t > keep:
             # Sliding layer past its window: keep the last window-1 tokens (old tail + new).
             old_k, old_v = self.layer(i)
-            k = torch.cat([old_k, k], dim=1)[:, -keep:] if keep > 0 else k[:, :0]
-            v = torch.cat([old_v, v], dim=1)[:, -keep:] if keep > 0 else v[:, :0]
-            self._k[i], self._v[i], self._len[i] = k.contiguous(), v.contiguous(), k.shape[1]
-            return
+            k = torch.cat([old_k, k], dim=1)[:, k.shape[1] + n - keep:]
+            v = torch.cat([old_v, v], dim=1)[:, v.shape[1] + n - keep:]
+            n, t = 0, keep
         buf_k, buf_v = self._k[i], self._v[i]
-        if buf_k is None or n + t > buf_k.shape[1]:
-            cap = max(n + t, 2 * (buf_k.shape[1] if buf_k is not None else 0), 16)
+        if buf_k is None or n + t >= buf_k.shape[1]:
+            cap = max(n + t + 1, 2 * (buf_k.shape[1] if buf_k is not None else 0), 16)
             if keep is not None:
-                cap = min(cap, keep)
+                cap = min(cap, keep + 1)
             h, d = self._shape[i]
             new_k = torch.empty(h, cap, d, dtype=self.dtype, device=self.device)
             new_v = torch.empty(h, cap, d, dtype=self.dtype, device=self.device)
@@ -92,3 +94,36 @@ class KVCache:
         self._k, self._v, self._len = [None] * n, [None] * n, [0] * n
         self._positions = self._positions[:0]
         self.length = 0
+
+
+class KVView:
+    """Read-only keys/values of one sequence as plain tensors, per layer, with `KVCache`'s reading interface
+    (`layer`, `positions`): what a compiled step takes as its inputs instead of the cache object (whose
+    Python bookkeeping a compiler would otherwise guard on). It holds each layer's whole storage buffer and
+    the number of tokens stored in it, so its inputs stay contiguous whatever the buffer's spare room (a
+    view's strides would change with the room and force a recompile)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int],
+                 all_positions: torch.Tensor | None = None):
+        self.keys, self.values, self.lengths, self.all_positions = keys, values, lengths, all_positions
+
+    @classmethod
+    def of(cls, cache: KVCache) -> KVView:
+        keys, values, lengths = [], [], []
+        for i in range(len(cache._k)):
+            if cache._k[i] is None:
+                k, v = cache.layer(i)
+            else:
+                k, v = cache._k[i], cache._v[i]
+            keys.append(k)
+            values.append(v)
+            lengths.append(cache._len[i])
+        return cls(keys, values, lengths, cache._positions)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.lengths[i]  # narrow (not a slice): no branch on n == size for a compiler to guard on
+        return self.keys[i].narrow(1, 0, n), self.values[i].narrow(1, 0, n)
+
+    def positions(self, i: int) -> torch.Tensor:
+        n = self.lengths[i]
+        return self.all_positions.narrow(0, self.all_positions.shape[0] - n, n)

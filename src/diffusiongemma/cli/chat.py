@@ -30,7 +30,7 @@ def _main(argv) -> int:
     add_sampler_args(ap)
     a = ap.parse_args(argv)
     tm = load_text_model(a)
-    engine = make_engine(tm)
+    engine = make_engine(tm, a.compile)
     pending_media = media_parts(a)  # images given on the command line go with the first message
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     thinking = a.think

@@ -67,7 +67,7 @@ def _main(argv) -> int:
         ids, images = tm.text_ids(messages[-1]["content"]), []
     else:
         ids, images = tm.chat_inputs(messages, tools, a.think)
-    engine = make_engine(tm)
+    engine = make_engine(tm, a.compile)
     stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
     live = not a.json
 

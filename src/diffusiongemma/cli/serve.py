@@ -42,7 +42,7 @@ def _main(argv) -> int:
     tm = load_text_model(a)
     settings = ServerSettings(max_concurrent=a.max_concurrent, max_batch=a.max_batch,
                               max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, api_key=a.api_key,
-                              allow_local_images=a.allow_local_images)
+                              allow_local_images=a.allow_local_images, compile=a.compile)
     app = create_app(tm, settings, a.served_model_name)
     print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (OpenAI API under /v1)")
     try:

@@ -120,9 +120,11 @@ class Engine:
     def __init__(self, model: DiffusionGemmaText, generation_config: GenerationConfig, canvas_length: int,
                  max_batch: int = 8, vocab_chunk: int = 8192, max_context: int | None = None,
                  batch_invariant: bool | None = None, vision=None, soft_token_ids: Sequence[int] = (),
-                 static: bool = False):
+                 static: bool = False, compile: bool = False):
         """static: run every denoising step of all active requests as one fixed-shape step (`StaticStep`),
-        captured as a CUDA graph on a GPU; needs a bounded `max_context` (default 8,192 then)."""
+        captured as a CUDA graph on a GPU; needs a bounded `max_context` (default 8,192 then).
+        compile: run each denoising step (decoder forward and vocabulary pass) as one `torch.compile`d graph
+        (`CompiledStep`): the first step compiles (tens of seconds), later ones skip per-op dispatch."""
         self.model = model
         self.gen = generation_config
         self.canvas_length = canvas_length
@@ -145,6 +147,13 @@ class Engine:
 
             self._static = StaticStep(model, max_batch, canvas_length, self.max_context - canvas_length, vocab_chunk)
             self._free_slots = list(range(max_batch))
+        if static and compile:
+            raise ValueError("compile and static are two different step paths: choose one")
+        self._compiled = None
+        if compile:
+            from .compiled import CompiledStep
+
+            self._compiled = CompiledStep(model, vocab_chunk)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, extra_soft_ids: Sequence[int] = (), **kw) -> Engine:
@@ -236,6 +245,16 @@ class Engine:
                 done[r.id] = Completion(r.id, r.prompt, list(r.generated), ev.finish_reason, r.stats, r.params.seed)
         return [done[i] for i in ids]
 
+    def warm_up(self) -> float:
+        """Run one throw-away request through a prefill, two denoising steps and a commit, so that whatever is
+        built on first use (the compiled graphs of `compile=True`, allocator pools) is built now; returns the
+        seconds it took. Call it while the engine is idle (a server does, before it accepts requests)."""
+        t0 = time.perf_counter()
+        L = self.canvas_length
+        prompt = [int(self.gen.bos_token_id or 0)] + [3 + i % max(self.vocab_size - 3, 1) for i in range(7)]
+        self.generate([prompt], SamplingParams(max_tokens=2 * L, max_denoising_steps=2, seed=0, stop_token_ids=()))
+        return time.perf_counter() - t0
+
     def _drop_cancelled(self, events: list[Event]) -> None:
         with self._lock:
             if not self._cancel:
@@ -274,10 +293,12 @@ class Engine:
                 from ..vision.placement import embed_prompt
 
                 embeds, blocks = embed_prompt(self.model, self.vision, ids, batch[0].images, self.soft_token_ids)
-                self.model.encode(None, [batch[0].cache], inputs_embeds=embeds, block_ids=blocks)
+                self.model.encode(None, [batch[0].cache], inputs_embeds=embeds, block_ids=blocks, hidden=False)
                 batch[0].images = None  # consumed by the prefill
+            elif self._compiled is not None and not prefill:  # a commit continues a cache: one compiled graph
+                self._compiled.commit(ids, [r.cache for r in batch], [len(r.to_encode) for r in batch])
             else:
-                self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch])
+                self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch], hidden=False)
         dt = time.perf_counter() - t0
         for r in batch:
             if r.stats.commit_forwards == 0:
@@ -328,16 +349,20 @@ class Engine:
         if any(r.soft is not None for r in batch):
             zeros = torch.zeros(L, model.config.hidden_size, dtype=model.dtype, device=model.device)
             soft = torch.cat([r.soft if r.soft is not None else zeros for r in batch])
-        with self.timings("decoder"):
-            hidden = model.decode(canvases, [r.cache for r in batch], soft, lengths=[L] * len(batch))
-
-        with self.timings("vocabulary"):
+        with self.timings("sampler"):  # the step's draws (counted as sampler work)
             temps = [self._temperature(r) for r in batch]
             temp_rows = torch.tensor(temps, dtype=torch.float32, device=model.device).repeat_interleave(L)
             uniforms = torch.cat([r.draws.uniforms(r.canvas_index, r.step, L) for r in batch])
-            want_soft = any(r.step + 1 < r.params.max_denoising_steps for r in batch)
-            res = vocab_pass(hidden, model.embed_tokens.weight, model.config.final_logit_softcapping, temp_rows,
-                             uniforms, want_soft, model.embed_scale(), chunk=self.vocab_chunk)
+        if self._compiled is not None:
+            with self.timings("decoder"):  # decoder forward and vocabulary pass are one compiled graph here
+                res = self._compiled(canvases, soft, [r.cache for r in batch], [L] * len(batch), temp_rows, uniforms)
+        else:
+            with self.timings("decoder"):
+                hidden = model.decode(canvases, [r.cache for r in batch], soft, lengths=[L] * len(batch))
+            with self.timings("vocabulary"):
+                want_soft = any(r.step + 1 < r.params.max_denoising_steps for r in batch)
+                res = vocab_pass(hidden, model.embed_tokens.weight, model.config.final_logit_softcapping, temp_rows,
+                                 uniforms, want_soft, model.embed_scale(), chunk=self.vocab_chunk)
 
         with self.timings("sampler"):
             for i, r in enumerate(batch):

@@ -49,12 +49,16 @@ class Attention(nn.Module):
         n = x.shape[0]
         cos, sin = rope
         q = apply_rope(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
-        k_raw = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
-        v_raw = self.v_proj(x).view(n, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
-        v = rms(v_raw, self.eps).type_as(v_raw)
+        k, v = self.keys_values(x, rope)
         out = mode.attend(self.layer, self.layer_type, q, k, v)  # [N, H, d]
         return self.o_proj(out.reshape(n, self.heads * self.head_dim))
+
+    def keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (k-norm, RoPE) and values (weightless v-norm; raw keys on K = V layers), [N, Hkv, d] each."""
+        n = x.shape[0]
+        k_raw = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(n, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        return apply_rope(self.k_norm(k_raw), *rope), rms(v_raw, self.eps).type_as(v_raw)
 
 
 _CAUSAL = "causal"  # marker: plain causal attention over exactly the new tokens
@@ -140,8 +144,13 @@ class EncoderPass(_Pass):
             keys = torch.cat([past_k, ki.transpose(0, 1)], dim=1)
             values = torch.cat([past_v, vi.transpose(0, 1)], dim=1)
             outs.append(_sdpa(qi, keys, values, mask))
-            cache.append(layer, ki.transpose(0, 1), vi.transpose(0, 1))
+        self.store(layer, k, v)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def store(self, layer: int, k, v) -> None:
+        """Commit the new tokens' keys/values [N, Hkv, d] of one layer to each sequence's cache."""
+        for i, cache in enumerate(self.caches):
+            cache.append(layer, self._split(k, i).transpose(0, 1), self._split(v, i).transpose(0, 1))
 
     def finish(self) -> None:
         for i, cache in enumerate(self.caches):

@@ -25,8 +25,10 @@ def may_reorder_sums(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether a fast path that reorders floating-point sums (experts batched over all rows, several
     sequences' attention in one masked call) may run: reduced-precision (bf16/fp16) inference only. fp32,
     the parity dtype, and training keep the reference's order of operations: in fp32 such a reordering moves
-    logits by an ulp, enough to flip a sampled token against transformers' `generate`."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
+    logits by an ulp, enough to flip a sampled token against transformers' `generate`. Under `torch.compile`
+    (the engine's opt-in compiled step) sums are reordered by the compiler anyway, so the fast paths are taken
+    in any dtype (they are also the ones it compiles best: no data-dependent shapes)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 

@@ -57,6 +57,11 @@ class TextLayer(nn.Module):
         x = x + self.post_feedforward_layernorm(dense + moe)
         return (x * getattr(self, mode.layer_scalar)).to(x.dtype)
 
+    def store_only(self, x: torch.Tensor, rope, mode) -> None:
+        """The part of `forward` a commit needs from the last layer: its keys/values, stored by `mode`."""
+        k, v = self.self_attn.keys_values(self.input_layernorm(x), rope[self.layer_type])
+        mode.store(self.self_attn.layer, k, v)
+
 
 class SelfConditioning(GeGLU):
     """post_norm(canvas_embeddings + GeGLU(pre_norm(soft_embedding))); post_norm has no weight."""
@@ -104,17 +109,21 @@ class DiffusionGemmaText(nn.Module):
     # -- the two modes ---------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor | None, caches: Sequence[KVCache],
                lengths: Sequence[int] | None = None, positions: torch.Tensor | None = None,
-               inputs_embeds: torch.Tensor | None = None, block_ids: torch.Tensor | None = None) -> torch.Tensor:
+               inputs_embeds: torch.Tensor | None = None, block_ids: torch.Tensor | None = None,
+               hidden: bool = True) -> torch.Tensor | None:
         """Causal pass that commits the tokens to `caches`; returns final-normed hidden [N, D].
 
         input_ids [N] (or inputs_embeds [N, D]) packed over the sequences; `lengths` per cache (default:
         one sequence); `positions` default to continuing each cache; `block_ids` [N] mark runs of image
         tokens that attend to each other bidirectionally (-1 for text).
+        hidden=False: commit only and return None. Nothing reads a commit's hidden states (the decoder starts
+        from the canvas), so the last layer computes its keys/values and stops there: no attention, MLP,
+        MoE or final norm; the caches are exactly the same.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         lengths, positions = self._layout(caches, lengths, positions, x.shape[0])
         mode = EncoderPass(caches, lengths, positions, self.config.sliding_window, block_ids)
-        x = self.forward_tokens(x, positions, mode)
+        x = self.forward_tokens(x, positions, mode, hidden=hidden)
         mode.finish()
         return x
 
@@ -140,11 +149,16 @@ class DiffusionGemmaText(nn.Module):
                                    for c, m in zip(caches, lengths)])
         return lengths, positions
 
-    def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, mode, checkpoint: bool = False) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, mode, checkpoint: bool = False,
+                       hidden: bool = True) -> torch.Tensor | None:
         """Run the stack over packed token embeddings x [N, D] at `positions`, attending as `mode` says
-        (an EncoderPass/DecoderPass over caches, or a Batch*Pass for training). Returns the final norm."""
+        (an EncoderPass/DecoderPass over caches, or a Batch*Pass for training). Returns the final norm
+        (hidden=False, an EncoderPass only: the last layer just stores its keys/values; returns None)."""
         rope = self.rotary(positions, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if not hidden and i == len(self.layers) - 1:
+                layer.store_only(x, rope, mode)
+                return None
             if checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, mode, use_reentrant=False)
             else:

@@ -39,6 +39,7 @@ class ServerSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     api_key: str | None = None
     allow_local_images: bool = False  # image parts may name local files (never network URLs)
+    compile: bool = False  # compiled engine step (Engine(compile=True)), warmed up before serving
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -68,7 +69,8 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
     settings = settings or ServerSettings()
     name = model_name or tm.name
     engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), max_batch=settings.max_batch,
-                                    max_context=tm.checkpoint.config.text.max_position_embeddings)
+                                    max_context=tm.checkpoint.config.text.max_position_embeddings,
+                                    compile=settings.compile)
     media_policy = MediaPolicy(allow_local_paths=settings.allow_local_images)
     runner = EngineRunner(engine, settings.max_concurrent)
     app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None)
@@ -77,6 +79,9 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
 
     @app.on_event("startup")
     async def _start():
+        if settings.compile:  # compile before the first request, not during it
+            log.info("compiling the engine step (once, before serving) ...")
+            log.info("compiled and warmed up in %.0f s", engine.warm_up())
         runner.start()
 
     @app.on_event("shutdown")
