@@ -30,3 +30,19 @@ def test_bench_command_runs_both_sides(tmp_path):
     for side in ("ours", "reference"):
         assert res[side]["tokens_per_s"] > 0 and res[side]["steps_per_canvas"] == 2
     assert res["ratio"]["ms_step"] > 0 and "tokens/s" in r.stdout
+
+
+def test_bench_same_draws_gives_both_sides_the_same_forwards(tmp_path):
+    """--same-draws: the reference draws the engine's keyed random numbers, so in adaptive mode (where
+    different draws stop canvases after different step counts) both sides run the same forwards (fp32)."""
+    from diffusiongemma.bench.checkpoints import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "tiny", "tiny", torch.float32)
+    r = subprocess.run([sys.executable, "-m", "diffusiongemma", "bench", "--model", str(path), "--repeats", "1",
+                        "--prompts", "2", "--mode", "adaptive", "--dtype", "float32", "--same-draws"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])["bench"]
+    ours, ref = res["runs"]["ours"][0], res["runs"]["reference"][0]
+    assert ours["forwards"] == ref["forwards"] and ours["tokens"] == ref["tokens"]
+    assert res["env"]["same_draws"] and "same draws" in r.stdout

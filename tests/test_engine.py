@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffusiongemma as dg
+from diffusiongemma.bench.same_draws import SameDraws
 from diffusiongemma.engine import (
     CommitAction,
     CommitEvent,
@@ -17,8 +18,6 @@ from diffusiongemma.engine import (
     SamplingParams,
     reference_generate,
 )
-from diffusiongemma.sampling.draws import INIT, RENOISE, Draws
-from diffusiongemma.sampling.sampler import inverse_cdf_sample
 from hf_utils import make_hf_model, save_hf
 
 STOPS = [1, 2, 3]
@@ -166,45 +165,6 @@ def test_bad_prompts_are_rejected(pair):
     assert not eng.has_work()
 
 
-class InjectedDraws:
-    """Replace the reference generate's random calls by our keyed draws, one source per batch row,
-    keyed by (canvas, executed step) exactly as the engine keys them."""
-
-    def __init__(self, seeds, canvas_length, vocab_size, steps):
-        self.draws = [Draws(s) for s in seeds]
-        self.L, self.V, self.N = canvas_length, vocab_size, steps
-        self.canvas, self.step, self.mode = -1, 0, "init"
-
-    def install(self, monkeypatch):
-        from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
-
-        inj = self
-        orig_prepare = gen.DiffusionGemmaGenerationMixin._prepare_denoiser_inputs
-        orig_step = gen.DiffusionGemmaGenerationMixin._denoising_step
-
-        def prepare(self_, *a, **k):
-            inj.canvas, inj.step, inj.mode = inj.canvas + 1, 0, "init"
-            return orig_prepare(self_, *a, **k)
-
-        def step(self_, *a, cur_step, **k):
-            inj.step, inj.mode = inj.N - cur_step, "renoise"
-            return orig_step(self_, *a, cur_step=cur_step, **k)
-
-        def initialize_canvas(self_, batch_size, device):
-            purpose, step = (INIT, 0) if inj.mode == "init" else (RENOISE, inj.step)
-            return torch.stack([d.tokens(inj.canvas, step, purpose, inj.L, inj.V) for d in inj.draws])
-
-        def multinomial(probs, num_samples):
-            assert num_samples == 1
-            u = torch.cat([d.uniforms(inj.canvas, inj.step, inj.L) for d in inj.draws])
-            return inverse_cdf_sample(probs, u)[:, None]
-
-        monkeypatch.setattr(gen.DiffusionGemmaGenerationMixin, "_prepare_denoiser_inputs", prepare)
-        monkeypatch.setattr(gen.DiffusionGemmaGenerationMixin, "_denoising_step", step)
-        monkeypatch.setattr(gen.EntropyBoundSampler, "initialize_canvas", initialize_canvas)
-        monkeypatch.setattr(gen.torch, "multinomial", multinomial)
-
-
 def test_engine_equals_transformers_generate(pair, monkeypatch):
     """End to end against DiffusionGemmaForBlockDiffusion.generate: a left-padded batch of three,
     several canvases, a stop id inside a canvas, rows finishing at different canvases."""
@@ -212,7 +172,7 @@ def test_engine_equals_transformers_generate(pair, monkeypatch):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     seeds = [0, 7, 3]
     L, N, canvases = 16, 48, 4
-    InjectedDraws(seeds, L, 99, N).install(monkeypatch)
+    SameDraws(seeds, L, 99, N).install(monkeypatch.setattr)
     S = max(map(len, prompts))
     ids = torch.tensor([[0] * (S - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in prompts])

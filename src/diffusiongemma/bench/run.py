@@ -12,6 +12,11 @@ rule never fires). `--size` builds a random checkpoint of a named size (tiny, mi
 in the release format under ~/.cache/diffusiongemma, so the figures can be reproduced without a
 download. With a checkpoint that has a tokenizer (the shipped model), prompts come from the held-out
 task families and the exact-match rate of both sides is reported beside the speed.
+
+`--compile` runs our side with the compiled engine step (`Engine(compile=True)`); the compile happens in
+the process's first generation, whose time is its own row, and the compiler's memory counts in the
+peak. `--same-draws` makes the reference draw the engine's keyed random numbers (`bench.same_draws`),
+so in adaptive mode both sides stop each canvas after the same steps and tokens/s compares like for like.
 """
 
 from __future__ import annotations
@@ -155,9 +160,18 @@ def worker(side: str, a) -> dict:
             return fin_fn(*x, **k)
 
         gen_mod.DiffusionGemmaGenerationMixin._finalize_canvas = staticmethod(finalize)
+        same = None
+        if a.same_draws:  # the reference draws our keyed random numbers: same decisions, same forwards
+            from .same_draws import SameDraws
+
+            same = SameDraws([0], L, vocab, a.steps if fixed else model.generation_config.max_denoising_steps,
+                             keep_cost=True)  # its own draws still run (discarded): it keeps its own sampling cost
+            same.install()
 
         def generate(ids, seed):
             torch.manual_seed(seed)
+            if same is not None:
+                same.reset([seed])
             clock["first"].clear()
             n_step = len(clock["step"])
             t0 = time.perf_counter()
@@ -245,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating")
     ap.add_argument("--compile", action="store_true",
                     help="our side runs the compiled denoising step (Engine(compile=True)); the compile is in the warm-up")
+    ap.add_argument("--same-draws", action="store_true",
+                    help="the reference draws the engine's keyed random numbers (same seeds): both sides then take "
+                         "the same path, so tokens per forward match and tokens/s compares like for like")
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -263,7 +280,8 @@ def main(argv=None) -> int:
         for side in sides:
             cmd = [sys.executable, "-m", "diffusiongemma.bench.run", "--worker", side, "--model", a.model,
                    "--dtype", a.dtype, "--mode", a.mode, "--steps", str(a.steps), "--prompts", str(a.prompts),
-                   "--max-tokens", str(a.max_tokens)] + (["--compile"] if a.compile else [])
+                   "--max-tokens", str(a.max_tokens)] + (["--compile"] if a.compile else []) + (
+                       ["--same-draws"] if a.same_draws else [])
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
@@ -278,9 +296,11 @@ def main(argv=None) -> int:
     env = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "transformers": transformers.__version__, "dtype": a.dtype, "mode": a.mode,
            "steps": a.steps if a.mode == "fixed" else "adaptive (cap 48)", "model": a.model,
-           "max_tokens": a.max_tokens, "prompts": a.prompts, "repeats": a.repeats, "compile": a.compile}
+           "max_tokens": a.max_tokens, "prompts": a.prompts, "repeats": a.repeats, "compile": a.compile,
+           "same_draws": a.same_draws}
     print(f"checkpoint {a.model} | {a.dtype} | mode {a.mode}"
-          f"{f' ({a.steps} steps)' if a.mode == 'fixed' else ''}{' | ours compiled' if a.compile else ''} | "
+          f"{f' ({a.steps} steps)' if a.mode == 'fixed' else ''}{' | ours compiled' if a.compile else ''}"
+          f"{' | same draws' if a.same_draws else ''} | "
           f"{a.prompts} prompts x {a.max_tokens} tokens | "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs")
     print(f"{'':42} {'ours':>12} {'reference':>12} {'ratio':>8}")

@@ -15,7 +15,11 @@ way. fp32 stays within 1e-4 of the eager step (a test). If compilation fails (no
 unsupported op) the step warns once and runs eagerly from then on: the result is the same step, slower.
 
 The first step of a canvas has no soft embedding; it gets zeros, which self-conditioning turns into
-exactly the input it gives for "none" (RMS(0) = 0, no biases), so both cases share one graph.
+exactly the input it gives for "none" (RMS(0) = 0, no biases), so both cases share one graph. A group of
+several requests in one forward (`batch_invariant=False`) compiles once per group size; the CPU default runs
+one request per forward, so one graph each for the step and the commit. The prompt prefill stays eager (one
+per request, with shapes and images of its own). Ids must be valid (the engine checks them on `add`): a
+compiled embedding lookup aborts on an out-of-range id instead of raising.
 """
 
 from __future__ import annotations

@@ -80,8 +80,9 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
     @app.on_event("startup")
     async def _start():
         if settings.compile:  # compile before the first request, not during it
-            log.info("compiling the engine step (once, before serving) ...")
-            log.info("compiled and warmed up in %.0f s", engine.warm_up())
+            say = logging.getLogger("uvicorn.error")  # shown at uvicorn's log level, beside its own startup lines
+            say.info("compiling the engine step (once, before serving) ...")
+            say.info("compiled and warmed up in %.0f s", engine.warm_up())
         runner.start()
 
     @app.on_event("shutdown")
