@@ -1,18 +1,21 @@
-"""A denoising step compiled with `torch.compile` (inductor): the CPU answer to per-op dispatch cost.
+"""The engine's denoising step and canvas commit compiled with `torch.compile` (inductor): the CPU answer to
+per-op dispatch cost.
 
 A small model's denoising step on a CPU is bound by how many operators Python dispatches, not by
 arithmetic: the shipped model's decoder forward runs ~740 aten ops over a 16-token canvas, ~9 us each.
 `CompiledStep` compiles the decoder forward *and* the vocabulary pass of one group of requests into one
-graph of fused C++ kernels. It takes the caches as plain tensors (`KVView`), with dynamic sizes, so
-one compiled graph serves every cache length (a second compile happens once, when the sliding layers'
-caches stop growing at the window and the full layers' keep going).
+graph of fused C++ kernels, and the commit (the encoder pass over a finished canvas) into another. The
+caches go in as plain tensors (`KVView`) with dynamic sizes, cache lengths are not assumed equal to each
+other (no duck sizing), and a cache always has a spare row past its tokens, so one graph serves every
+cache length (no recompile in a run past the sliding window: `TORCH_LOGS=recompiles`).
 
-Opt-in (`Engine(compile=True)`, `--compile` on the command line): the first step pays the compile
-(20-60 s on two cores; inductor's on-disk cache makes later processes start faster), and the numerics
-are not the reference's op-by-op ones: inductor keeps fused intermediates in fp32 instead of rounding
-each op's output to bf16, so a bf16 step's entropies move by ~1e-2 and a close call may go the other
-way. fp32 stays within 1e-4 of the eager step (a test). If compilation fails (no C++ compiler, an
-unsupported op) the step warns once and runs eagerly from then on: the result is the same step, slower.
+Opt-in (`Engine(compile=True)`, `--compile` on the command line): the first step and the first commit
+compile (30-45 s on two cores, in every process: inductor's on-disk cache does not serve frozen graphs),
+and the numerics are not the reference's op-by-op ones: inductor keeps fused intermediates in fp32
+instead of rounding each op's output to bf16, so a bf16 step's entropies move by ~1e-2 and a close call
+may go the other way. fp32 stays within 1e-4 of the eager step and gives the eager engine's tokens (tests).
+If compilation fails (no C++ compiler, an unsupported op) the engine warns once and runs the same code
+eagerly from then on.
 
 The first step of a canvas has no soft embedding; it gets zeros, which self-conditioning turns into
 exactly the input it gives for "none" (RMS(0) = 0, no biases), so both cases share one graph. A group of
