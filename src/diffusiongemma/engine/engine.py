@@ -295,7 +295,8 @@ class Engine:
                 embeds, blocks = embed_prompt(self.model, self.vision, ids, batch[0].images, self.soft_token_ids)
                 self.model.encode(None, [batch[0].cache], inputs_embeds=embeds, block_ids=blocks, hidden=False)
                 batch[0].images = None  # consumed by the prefill
-            elif self._compiled is not None and not prefill:  # a commit continues a cache: one compiled graph
+            elif self._compiled is not None and all(r.stats.commit_forwards for r in batch):
+                # commits only (each continues its cache): one compiled graph; prefills stay eager
                 self._compiled.commit(ids, [r.cache for r in batch], [len(r.to_encode) for r in batch])
             else:
                 self.model.encode(ids, [r.cache for r in batch], lengths=[len(r.to_encode) for r in batch], hidden=False)
