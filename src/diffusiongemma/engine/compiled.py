@@ -15,7 +15,8 @@ and the numerics are not the reference's op-by-op ones: inductor keeps fused int
 instead of rounding each op's output to bf16, so a bf16 step's entropies move by ~1e-2 and a close call
 may go the other way. fp32 stays within 1e-4 of the eager step and gives the eager engine's tokens (tests).
 If compilation fails (no C++ compiler, an unsupported op) the engine warns once and runs the same code
-eagerly from then on.
+eagerly from then on. Measured and tested on CPU only (no GPU has been lent to this project); on a GPU the
+static step with its CUDA graph (`engine.static`) is the intended path.
 
 The first step of a canvas has no soft embedding; it gets zeros, which self-conditioning turns into
 exactly the input it gives for "none" (RMS(0) = 0, no biases), so both cases share one graph. A group of
