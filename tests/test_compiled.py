@@ -76,7 +76,7 @@ def test_compiled_step_and_commit_equal_the_eager_ones(ck):
             for c, e in zip(caches, eager):  # eager copies of the caches, committed by the eager encoder
                 for i in range(m.config.num_hidden_layers):
                     e.append(i, *c.layer(i))
-                e.advance(torch.cat([c.positions(0)[:0], torch.arange(c.next_position - c.length, c.next_position)]))
+                e.advance(torch.arange(c.length))  # positions run from 0
             new = torch.randint(3, 99, (32,), generator=g)
             step.commit(new, caches, [16, 16])
             m.encode(new, eager, lengths=[16, 16], hidden=False)

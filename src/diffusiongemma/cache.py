@@ -96,6 +96,12 @@ class KVCache:
         self.length = 0
 
 
+def continuing_positions(caches, lengths, device) -> torch.Tensor:
+    """Absolute positions of `lengths[i]` new tokens continuing each cache, packed: [sum(lengths)]."""
+    return torch.cat([torch.arange(c.next_position, c.next_position + n, device=device)
+                      for c, n in zip(caches, lengths)])
+
+
 class KVView:
     """Read-only keys/values of one sequence as plain tensors, per layer, with `KVCache`'s reading interface
     (`layer`, `positions`): what a compiled step takes as its inputs instead of the cache object (whose

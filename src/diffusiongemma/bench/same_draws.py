@@ -31,10 +31,9 @@ class SameDraws:
         self.L, self.V, self.N, self.keep_cost = canvas_length, vocab_size, steps, keep_cost
         self.reset(seeds)
 
-    def reset(self, seeds: Sequence[int], steps: int | None = None) -> None:
+    def reset(self, seeds: Sequence[int]) -> None:
         """Start over (a new generate call) with one seed per batch row."""
         self.draws = [Draws(s) for s in seeds]
-        self.N = steps or self.N
         self.canvas, self.step, self.mode = -1, 0, "init"
 
     def install(self, setattr_: Callable = setattr) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx.experimental._config
 
-from ..cache import KVCache, KVView
+from ..cache import KVCache, KVView, continuing_positions
 from ..model import DiffusionGemmaText
 from ..sampling.vocab import VocabResult, vocab_pass
 
@@ -103,9 +103,7 @@ class CompiledStep:
         return eager(*args)
 
     def _inputs(self, caches: Sequence[KVCache], lengths: Sequence[int]):
-        m = self.model
-        positions = torch.cat([torch.arange(c.next_position, c.next_position + k, device=m.device)
-                               for c, k in zip(caches, lengths)])
+        positions = continuing_positions(caches, lengths, self.model.device)
         views = [KVView.of(c) for c in caches]
         return (positions, tuple(lengths), [k for v in views for k in v.keys], [x for v in views for x in v.values],
                 [t for v in views for t in v.lengths]), views

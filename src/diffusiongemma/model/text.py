@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import KVCache, continuing_positions
 from ..config import TextConfig
 from .attention import Attention, DecoderPass, EncoderPass
 from .layers import Experts, GeGLU, RMSNorm, RotaryEmbedding, Router
@@ -145,8 +145,7 @@ class DiffusionGemmaText(nn.Module):
         if sum(lengths) != n:
             raise ValueError(f"lengths sum to {sum(lengths)} but {n} tokens were given")
         if positions is None:
-            positions = torch.cat([torch.arange(c.next_position, c.next_position + m, device=self.device)
-                                   for c, m in zip(caches, lengths)])
+            positions = continuing_positions(caches, lengths, self.device)
         return lengths, positions
 
     def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, mode, checkpoint: bool = False,
