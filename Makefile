@@ -27,7 +27,7 @@ demo:
 	$(MAKE) setup EXTRAS=text,vision
 	$(BIN)/diffusiongemma generate "What is 347 + 589?" --think --seed 0
 
-# Train the shipped model from scratch (CPU): tokenizer, text stage, vision stage.
+# Train the shipped model from scratch (CPU): tokenizer, then text and vision together.
 model:
 	$(MAKE) setup EXTRAS=dev
 	@[ -d /usr/share/games/fortunes ] || apt-get install -y -q fortunes || \

@@ -245,12 +245,36 @@ def test_task_mixture_follows_its_curriculum(shipped_model_dir):
         TaskMixture(builder, {"count": 1.0}, curriculum=[(5, {"text": 1.0})])
 
 
-def test_a_later_stage_keeps_the_first_stages_loss_curve(tmp_path):
-    run(tmp_path, 2)
-    first = (tmp_path / "loss_curve.jsonl").read_text()
-    model, config = tiny_setup()
-    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, progress=False)
-    Trainer(model, config, GenerationConfig(eos_token_id=(1, 106)), SortData(), ObjectiveConfig(8), cfg, tmp_path, 1, 0,
-            stage="vision").run()
-    assert (tmp_path / "loss_curve.jsonl").read_text() == first
-    assert len((tmp_path / "loss_curve_vision.jsonl").read_text().splitlines()) == 2
+def test_shipped_recipe_trains_text_and_vision_in_one_run(tmp_path, monkeypatch):
+    """`train --recipe shipped` end to end at toy size (a small corpus stands in for Shakespeare and fortunes,
+    no curriculum so that image questions are in the first steps): the checkpoint has the release's special
+    ids, a vision tower, its preprocessing config, and every image answer is one token of its tokenizer."""
+    import functools
+
+    from diffusiongemma.text.bundle import TextModel
+    from diffusiongemma.training import corpus
+    from diffusiongemma.training import recipe as R
+    from diffusiongemma.training.cli import main
+    from diffusiongemma.training.vision_tasks import QUESTION_TYPES, answers
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven cold owls sing".split()
+    passages = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
+    monkeypatch.setattr(corpus, "split_corpus", lambda: {"train": passages, "eval": passages[:8]})
+    monkeypatch.setattr(R, "Recipe", functools.partial(R.Recipe, tokenizer_samples=40, text_samples=200,
+                                                       vocab_size=1024, curriculum=()))
+    assert main(["--recipe", "shipped", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8"]) == 0
+    tm = TextModel.load(tmp_path, dtype="float32")
+    assert tm.sees and (tmp_path / "preprocessor_config.json").is_file()
+    assert [tm.tokenizer.token_id(s) for s in ("<|image>", "<|image|>", "<image|>")] == [107, 108, 109]
+    for kind in QUESTION_TYPES:
+        for a in answers(kind):
+            assert len(tm.tokenizer.encode(a)) == 1, a
+    rows = [json.loads(x) for x in (tmp_path / "loss_curve.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+    from diffusiongemma.vision.tower import Vision
+
+    start = Vision(tm.checkpoint.config.vision, tm.checkpoint.config.text.hidden_size)
+    R.init_vision_(start, seed=0)
+    trained = tm.checkpoint.vision.state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in start.state_dict().items())  # images were in the batches

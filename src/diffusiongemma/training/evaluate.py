@@ -84,7 +84,7 @@ def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0,
 
 @torch.no_grad()
 def text_loss(tm: TextModel, items: int, seed: int) -> dict:
-    """Mean diffusion loss and next-token loss on held-out corpus passages (seeded noise draws)."""
+    """Mean diffusion loss and next-token loss of held-out continuations (seeded noise draws)."""
     if items <= 0:
         return {}
     from .corpus import CorpusError, split_corpus
@@ -98,7 +98,8 @@ def text_loss(tm: TextModel, items: int, seed: int) -> dict:
     model = tm.checkpoint.model
     pairs = [render_turn(tm.template, tm.tokenizer, tasks.make_example("text", i, passages).turns[0])
              for i in range(tasks.EVAL_SEEDS.start, tasks.EVAL_SEEDS.start + items)]
-    cfg = ObjectiveConfig(tm.checkpoint.config.canvas_length, self_cond_prob=0.0)
+    # the next-token loss of the continuation (the response), not of the prompt's opening words
+    cfg = ObjectiveConfig(tm.checkpoint.config.canvas_length, self_cond_prob=0.0, ar_scope="response")
     diff, ar = [], []
     for i in range(0, len(pairs), 16):
         g = torch.Generator().manual_seed(seed + i)

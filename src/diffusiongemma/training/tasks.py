@@ -114,7 +114,7 @@ def arithmetic(rng: random.Random) -> Example:
 def sort_task(rng: random.Random) -> Example:
     xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
     desc = rng.random() < 0.25
-    q = rng.choice(["Sort these numbers{o}: {xs}", "Put in{o} order: {xs}", "Sort{o}: {xs}"])
+    q = rng.choice(["Sort these numbers{o}: {xs}", "Put in order{o}: {xs}", "Sort{o}: {xs}"])
     order = " in descending order" if desc else ""
     answer = " ".join(map(str, sorted(xs, reverse=desc)))
     msgs = [{"role": "user", "content": q.format(o=order, xs=" ".join(map(str, xs)))}]

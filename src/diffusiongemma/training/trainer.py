@@ -28,12 +28,6 @@ STATE = "trainer_state.pt"
 CURVE = "loss_curve.jsonl"
 
 
-def curve_name(stage: str) -> str:
-    """The loss-curve file of a stage: `loss_curve.jsonl`, or `loss_curve_<stage>.jsonl` for later stages
-    (the shipped recipe's vision stage), so a second stage in the same directory keeps the first's curve."""
-    return CURVE if stage in ("main", "text") else f"loss_curve_{stage}.jsonl"
-
-
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -54,15 +48,6 @@ class TrainConfig:
     progress: bool = True
 
 
-def saved_stage(out: str | Path) -> tuple[str, int] | None:
-    """(stage, step) of the run saved in `out`, if any."""
-    f = Path(out) / STATE
-    if not f.is_file():
-        return None
-    state = torch.load(f, weights_only=False, map_location="cpu")
-    return state.get("stage", "main"), state["step"]
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -80,10 +65,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 class Trainer:
     def __init__(self, model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig,
                  data, objective: ObjectiveConfig, cfg: TrainConfig, out_dir: str | Path,
-                 end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = (),
-                 stage: str = "main"):
+                 end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = ()):
         self.model, self.config, self.gen = model, config, generation_config
-        self.vision, self.soft_ids, self.stage = vision, tuple(soft_ids), stage
+        self.vision, self.soft_ids = vision, tuple(soft_ids)
         self.data, self.obj, self.cfg = data, objective, cfg
         self.out = Path(out_dir)
         self.end_id, self.pad_id = end_id, pad_id
@@ -93,8 +77,7 @@ class Trainer:
 
     def resume(self) -> bool:
         state_file = self.out / STATE
-        saved = saved_stage(self.out)
-        if saved is None or saved[0] != self.stage:
+        if not state_file.is_file():
             return False
         ck = load(self.out, dtype="float32", vision=self.vision is not None)
         self.model.load_state_dict(ck.model.state_dict(), strict=False)
@@ -144,14 +127,14 @@ class Trainer:
         save(self.model, self.config, self.gen, self.out, vision=self.vision)
         save_adapters(self.model, self.out)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
-                    "objective": asdict(self.obj), "stage": self.stage}, self.out / STATE)
+                    "objective": asdict(self.obj)}, self.out / STATE)
         if self.save_extra:
             self.save_extra(self.out)
 
     def run(self) -> list[dict]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        curve_path = self.out / curve_name(self.stage)
+        curve_path = self.out / CURVE
         if self.step == 0 and curve_path.exists():
             curve_path.unlink()
         rows, t0, tokens = [], time.perf_counter(), 0

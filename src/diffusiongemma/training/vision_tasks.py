@@ -75,6 +75,12 @@ def make_image_example(kind: str, seed: int) -> tuple[Image.Image, str, str]:
     return img, QUESTIONS[kind], answer
 
 
+def answers(kind: str) -> list[str]:
+    """Every answer a question type can have."""
+    return {"color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 6)],
+            "digit": [str(n) for n in range(10)]}[kind]
+
+
 def image_example(kind: str, seed: int) -> Example:
     img, question, answer = make_image_example(kind, seed)
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
