@@ -55,10 +55,10 @@ class Recipe:
     curriculum: tuple = CURRICULUM
 
 
-def model_config(vocab_size: int, vision: bool = True) -> ModelConfig:
+def model_config(vocab_size: int) -> ModelConfig:
     text = TextConfig.from_dict({**TEXT, "vocab_size": vocab_size, "eos_token_id": list(STOP_IDS),
                                  "pad_token_id": 0, "bos_token_id": 2})
-    return ModelConfig(text=text, vision=VISION if vision else None, canvas_length=CANVAS, eos_token_id=STOP_IDS,
+    return ModelConfig(text=text, vision=VISION, canvas_length=CANVAS, eos_token_id=STOP_IDS,
                        dtype="bfloat16", **IMAGE_IDS)
 
 

@@ -20,6 +20,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "
           "purple": (140, 50, 170), "orange": (240, 130, 20)}
 SHAPES = ("circle", "square", "triangle")
 QUESTION_TYPES = ("color", "shape", "count", "digit")
+MAX_SHAPES = 5  # count questions: 1 to MAX_SHAPES shapes
 QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is this?",
              "count": "How many shapes are there?", "digit": "What digit is written?"}
 
@@ -57,7 +58,7 @@ def make_image_example(kind: str, seed: int) -> tuple[Image.Image, str, str]:
         _draw_shape(d, shape, box, COLORS[color])
         answer = color if kind == "color" else shape
     elif kind == "count":
-        n = rng.randint(1, 5)
+        n = rng.randint(1, MAX_SHAPES)
         boxes = _free_boxes(rng, n, 14, 22)
         n = len(boxes)
         for box in boxes:
@@ -77,7 +78,7 @@ def make_image_example(kind: str, seed: int) -> tuple[Image.Image, str, str]:
 
 def answers(kind: str) -> list[str]:
     """Every answer a question type can have."""
-    return {"color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, 6)],
+    return {"color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, MAX_SHAPES + 1)],
             "digit": [str(n) for n in range(10)]}[kind]
 
 
