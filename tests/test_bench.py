@@ -1,10 +1,13 @@
 """The benchmark command and the GPU readiness script, in their small CPU modes (so they cannot rot).
 No timing is asserted: speed is measured by `diffusiongemma bench`, not by tests."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from diffusiongemma.bench.gpu import run as gpu_run
@@ -46,3 +49,16 @@ def test_bench_same_draws_gives_both_sides_the_same_forwards(tmp_path):
     ours, ref = res["runs"]["ours"][0], res["runs"]["reference"][0]
     assert ours["forwards"] == ref["forwards"] and ours["tokens"] == ref["tokens"]
     assert res["env"]["same_draws"] and "same draws" in r.stdout
+
+
+def test_head_memory_bench_shows_the_blocked_loss_holds_no_logits():
+    from diffusiongemma.bench.head_memory import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["--vocab", "65536", "--rows", "256", "--hidden", "32", "--repeats", "1"])
+    rows = {r["which"]: r for r in json.loads(buf.getvalue().strip().splitlines()[-1])["head_memory"]}
+    assert rows["blocked"]["loss"] == pytest.approx(rows["reference"]["loss"], abs=1e-5)
+    # the full-logits path keeps several [256 x 65536] fp32 tensors (64 MiB each) for its backward pass
+    assert rows["reference"]["beyond_grads_MiB"] > 3 * 64
+    assert rows["blocked"]["beyond_grads_MiB"] < 32

@@ -237,7 +237,9 @@ def test_packed_forwards_agree_with_per_request_forwards(pair):
         canvas = torch.randint(0, 99, (3 * 16,))
         packed = model.decode(canvas, caches, lengths=[16] * 3)
         alone = torch.cat([model.decode(canvas[16 * i:16 * (i + 1)], [c]) for i, c in enumerate(solo)])
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    # different matrix shapes (48 rows vs 16) take differently blocked kernels: 1.3-3.3e-5 apart on an AMD EPYC
+    # host, in hidden states up to ~37 (relative ~1e-6)
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)
     eng = Engine.from_checkpoint(ck, max_batch=3, batch_invariant=False)
     out = eng.generate(prompts, [SamplingParams(max_tokens=16, seed=s, max_denoising_steps=4) for s in (1, 2, 3)])
     ref = [Engine.from_checkpoint(ck).generate([p], SamplingParams(max_tokens=16, seed=s, max_denoising_steps=4))[0]

@@ -2,7 +2,8 @@
 
 Checkpoints are built and saved by the reference (`DiffusionGemmaForBlockDiffusion.save_pretrained`),
 loaded by our loader, and compared on CPU in fp32 (max abs difference <= 1e-5) or bf16 (within bf16
-rounding: 0.05 absolute on logits bounded by the softcap of 30, i.e. a few bf16 ulps).
+rounding: 0.05 absolute on logits bounded by the softcap of 30, i.e. a few bf16 ulps), in one thread
+(conftest `one_thread`).
 """
 
 import pytest
@@ -13,6 +14,7 @@ import diffusiongemma as dg
 from hf_utils import make_hf_model, save_hf
 
 TOL = dict(atol=1e-5, rtol=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     "tiny": {},

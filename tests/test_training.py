@@ -12,6 +12,7 @@ import diffusiongemma as dg
 from diffusiongemma.bench.checkpoints import random_model, size_config
 from diffusiongemma.config import GenerationConfig, ModelConfig, TextConfig
 from diffusiongemma.sampling.noise import corrupt
+from diffusiongemma.training.head import head_cross_entropy, head_cross_entropy_reference
 from diffusiongemma.training.objective import (
     ObjectiveConfig,
     chunk_response,
@@ -90,6 +91,57 @@ def test_loss_variants_and_gradients_reach_encoder_and_decoder(variant):
     assert torch.isfinite(loss) and parts["diffusion"] > 0 and parts["ar"] > 0
     assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.self_conditioning.down_proj.weight.grad.abs().sum() > 0  # second pass conditions on the first
+
+
+def _head_inputs(n=37, d=16, v=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.5,
+            torch.randint(v, (n,), generator=g), torch.randint(v, (n,), generator=g), torch.rand(n, generator=g) * 5)
+
+
+@pytest.mark.parametrize("loo", [False, True])
+@pytest.mark.parametrize("max_cols", [8192, 128])  # one tile across the vocabulary (300), or three (the last short)
+def test_blocked_head_loss_and_gradients_match_the_full_logits(loo, max_cols):
+    hidden, weight, targets, bump, shift = _head_inputs()
+    upstream = torch.rand(hidden.shape[0])
+    extra = (bump, shift) if loo else ()
+    out = []
+    for f in (lambda h, w: head_cross_entropy_reference(h, w, targets, 3.0, *extra),
+              lambda h, w: head_cross_entropy(h, w, targets, 3.0, *extra, block_elems=2048, max_cols=max_cols)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = f(h, w)
+        (loss * upstream).sum().backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    assert 2048 // min(300, max_cols) < hidden.shape[0]  # several row blocks
+    for ref, blocked in zip(*out):
+        torch.testing.assert_close(blocked, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_head_keeps_no_vocabulary_sized_activation():
+    """The full-logits path saves [rows x vocab] tensors for its backward pass; the blocked one only its
+    inputs and one number per row."""
+    hidden, weight, targets, _, _ = _head_inputs(n=64, v=500)
+    w = weight.requires_grad_()
+    for f, expect in ((head_cross_entropy_reference, True), (head_cross_entropy, False)):
+        saved: list[tuple] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, seen=saved: seen.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            f(hidden.requires_grad_(), w, targets, 3.0)
+        assert any(s == (64, 500) for s in saved) == expect, saved
+
+
+@pytest.mark.parametrize("variant", ["base", "loo"])
+def test_blocked_and_reference_heads_give_the_same_objective(variant):
+    results = []
+    for head in ("reference", "blocked"):
+        model, _ = tiny_setup()
+        g = torch.Generator().manual_seed(4)
+        cfg = ObjectiveConfig(8, loss=variant, self_cond_prob=0.5, canvases_per_example=2, head=head)
+        loss, parts = compute_loss(model, make_batch(SortData().batch(4, 5), cfg, model.config.vocab_size, 1, 0, g), cfg)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_autocast_step_with_self_conditioning(tmp_path):

@@ -54,7 +54,8 @@ def peak_tensor_bytes(fn: Callable[[], object]):
     """Run fn() under the profiler; return (result, peak bytes of live torch tensors allocated by fn).
 
     Unlike RSS this is not blurred by the C allocator keeping freed pages, so it measures what the
-    code holds at once (it does not see library-internal scratch memory).
+    code holds at once (it does not see library-internal scratch memory). Not for code with custom autograd
+    functions: the profiler books the frees made between operators inside one at the function's start.
     """
     from torch.profiler import ProfilerActivity, profile
 

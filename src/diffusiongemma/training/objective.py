@@ -13,6 +13,10 @@ canvas. Losses:
   weight, averaged per example over positions whose token and next token are both real;
 - two-pass self-conditioning with probability p per example: a first decoder pass without
   gradient, whose probabilities condition the second (examples without it get an exact zero signal).
+
+Both cross-entropies go through the tied, soft-capped LM head a tile at a time (`training.head`), so
+no [rows x vocab] logits are kept for the backward pass (`head="reference"` materialises them, as
+`model.logits` does; tests check the two agree).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..model import DiffusionGemmaText
 from ..model.attention import BatchDecoderPass, BatchEncoderPass
 from ..sampling.noise import corrupt, sample_time
+from .head import head_cross_entropy, head_cross_entropy_reference
 
 VARIANTS = ("base", "reweighted", "loo")
+HEADS = ("blocked", "reference")
 
 
 def _blocks(ids: torch.Tensor | None, s: int) -> torch.Tensor:
@@ -44,8 +49,11 @@ class ObjectiveConfig:
     reweight_clip: float | None = 10.0
     ar_scope: str = "all"  # "all": prompt and response (the reference); "response": response tokens only
     canvases_per_example: int = 1  # independent (canvas, t) draws per example, sharing one encoder pass
+    head: str = "blocked"  # the LM head's loss: "blocked" (`training.head`) or "reference" (full logits)
 
     def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.loss not in VARIANTS:
             raise ValueError(f"loss must be one of {VARIANTS}, got {self.loss!r}")
         if self.ar_scope not in ("all", "response"):
@@ -166,6 +174,11 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
     enc = BatchEncoderPass(valid, window, blocks)
     positions = torch.arange(s, device=dev).repeat(b)
     hidden = model.forward_tokens(embeds, positions, enc, checkpoint)
+    head = head_cross_entropy if cfg.head == "blocked" else head_cross_entropy_reference
+
+    def head_loss(h, targets, bump=None, shift=None):  # per-row cross-entropy of the soft-capped tied head
+        return head(h, model.embed_tokens.weight, targets, model.config.final_logit_softcapping, bump, shift)
+
     parts: dict[str, float] = {}
     total = torch.zeros((), device=dev)
     if cfg.ar_weight > 0:
@@ -173,8 +186,8 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
         if cfg.ar_scope == "response":
             pair &= torch.arange(s - 1, device=dev)[None] >= (batch.prompt_len.to(dev) - 1)[:, None]
         rows = pair.reshape(-1).nonzero().squeeze(1)  # only the scored positions reach the LM head
-        logits = model.logits(hidden.view(b, s, -1)[:, :-1].reshape(-1, hidden.shape[-1])[rows])
-        ce = F.cross_entropy(logits, tokens[:, 1:].reshape(-1)[rows], reduction="none")
+        ce = head_loss(hidden.view(b, s, -1)[:, :-1].reshape(-1, hidden.shape[-1])[rows],
+                       tokens[:, 1:].reshape(-1)[rows])
         per_example = torch.zeros(b, device=dev, dtype=ce.dtype).index_add(0, rows // (s - 1), ce)
         ar = (per_example / pair.sum(1).clamp_min(1)).mean()
         total = total + cfg.ar_weight * ar
@@ -199,12 +212,11 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
         soft = torch.zeros(r * L, model.config.hidden_size, dtype=model.dtype, device=dev)
         # under bf16 autocast the soft embedding comes out bf16; the buffer keeps the weights' dtype
         soft.view(r, L, -1)[sc_rows] = model.soft_embedding(first).view(len(sc_rows), L, -1).to(soft.dtype)
-    logits = model.logits(decode(everything, soft)).view(r, L, V)
-    if cfg.loss == "loo":
+    bump = shift = None
+    if cfg.loss == "loo":  # the logit of each position's observed noisy token, raised by log(1 + K (1-t)/t)
         alpha = (1 - t).clamp(1e-6, 1 - 1e-6)
-        shift = torch.log1p(V * alpha / (1 - alpha))  # [B]
-        logits = logits + F.one_hot(noisy, V).to(logits.dtype) * shift[:, None, None]
-    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(r, L).mean(1)
+        bump, shift = noisy.reshape(-1), torch.log1p(V * alpha / (1 - alpha)).float().repeat_interleave(L)
+    ce = head_loss(decode(everything, soft), clean.reshape(-1), bump, shift).view(r, L).mean(1)
     if cfg.loss == "reweighted":
         w = 1.0 / (1.0 - t).clamp_min(1e-6)
         if cfg.reweight_clip is not None:
