@@ -51,14 +51,14 @@ def test_bench_same_draws_gives_both_sides_the_same_forwards(tmp_path):
     assert res["env"]["same_draws"] and "same draws" in r.stdout
 
 
-def test_head_memory_bench_shows_the_blocked_loss_holds_no_logits():
+def test_head_memory_bench_shows_the_tiled_loss_holds_no_logits():
     from diffusiongemma.bench.head_memory import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main(["--vocab", "65536", "--rows", "256", "--hidden", "32", "--repeats", "1"])
     rows = {r["which"]: r for r in json.loads(buf.getvalue().strip().splitlines()[-1])["head_memory"]}
-    assert rows["blocked"]["loss"] == pytest.approx(rows["reference"]["loss"], abs=1e-5)
+    assert rows["tiled"]["loss"] == pytest.approx(rows["reference"]["loss"], abs=1e-5)
     # the full-logits path keeps several [256 x 65536] fp32 tensors (64 MiB each) for its backward pass
     assert rows["reference"]["beyond_grads_MiB"] > 3 * 64
-    assert rows["blocked"]["beyond_grads_MiB"] < 32
+    assert rows["tiled"]["beyond_grads_MiB"] < 32

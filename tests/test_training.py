@@ -101,7 +101,7 @@ def _head_inputs(n=37, d=16, v=300, seed=0):
 
 @pytest.mark.parametrize("loo", [False, True])
 @pytest.mark.parametrize("max_cols", [8192, 128])  # one tile across the vocabulary (300), or three (the last short)
-def test_blocked_head_loss_and_gradients_match_the_full_logits(loo, max_cols):
+def test_tiled_head_loss_and_gradients_match_the_full_logits(loo, max_cols):
     hidden, weight, targets, bump, shift = _head_inputs()
     upstream = torch.rand(hidden.shape[0])
     extra = (bump, shift) if loo else ()
@@ -113,12 +113,12 @@ def test_blocked_head_loss_and_gradients_match_the_full_logits(loo, max_cols):
         (loss * upstream).sum().backward()
         out.append((loss.detach(), h.grad, w.grad))
     assert 2048 // min(300, max_cols) < hidden.shape[0]  # several row blocks
-    for ref, blocked in zip(*out):
-        torch.testing.assert_close(blocked, ref, atol=1e-5, rtol=1e-5)
+    for ref, tiled in zip(*out):
+        torch.testing.assert_close(tiled, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_blocked_head_keeps_no_vocabulary_sized_activation():
-    """The full-logits path saves [rows x vocab] tensors for its backward pass; the blocked one only its
+def test_tiled_head_keeps_no_vocabulary_sized_activation():
+    """The full-logits path saves [rows x vocab] tensors for its backward pass; the tiled one only its
     inputs and one number per row."""
     hidden, weight, targets, _, _ = _head_inputs(n=64, v=500)
     w = weight.requires_grad_()
@@ -131,9 +131,9 @@ def test_blocked_head_keeps_no_vocabulary_sized_activation():
 
 
 @pytest.mark.parametrize("variant", ["base", "loo"])
-def test_blocked_and_reference_heads_give_the_same_objective(variant):
+def test_tiled_and_reference_heads_give_the_same_objective(variant):
     results = []
-    for head in ("reference", "blocked"):
+    for head in ("reference", "tiled"):
         model, _ = tiny_setup()
         g = torch.Generator().manual_seed(4)
         cfg = ObjectiveConfig(8, loss=variant, self_cond_prob=0.5, canvases_per_example=2, head=head)

@@ -1,5 +1,5 @@
 """Peak tensor memory and time of the training loss of the LM head (tied embedding, softcap,
-cross-entropy, forward and backward) at a given vocabulary: the blocked loss (`training.head`) against
+cross-entropy, forward and backward) at a given vocabulary: the tiled loss (`training.head`) against
 the full-logits path (what `model.logits` + cross-entropy, and transformers, compute).
 
     python -m diffusiongemma.bench.head_memory [--vocab 262144] [--rows 512] [--hidden 256] [--repeats 3]
@@ -34,7 +34,7 @@ def measure(which: str, part: str, vocab: int, rows: int, hidden: int, repeats: 
     weight = (torch.randn(vocab, hidden, generator=g) * 0.02).requires_grad_()
     hidden_states = torch.randn(rows, hidden, generator=g).requires_grad_()
     targets = torch.randint(vocab, (rows,), generator=g)
-    f = head_cross_entropy if which == "blocked" else head_cross_entropy_reference
+    f = head_cross_entropy if which == "tiled" else head_cross_entropy_reference
 
     def step():
         loss = f(hidden_states, weight, targets, 30.0).mean()
@@ -62,14 +62,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--which", choices=["blocked", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--which", choices=["tiled", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=["memory", "time"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.which:
         print(json.dumps(measure(a.which, a.part, a.vocab, a.rows, a.hidden, a.repeats)))
         return
     rows = []
-    for which in ("blocked", "reference"):
+    for which in ("tiled", "reference"):
         row = {"which": which}
         for part in ("memory", "time"):  # the allocator setting that makes RSS exact would distort the time
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if part == "memory" else None

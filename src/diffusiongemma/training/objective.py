@@ -32,7 +32,7 @@ from ..sampling.noise import corrupt, sample_time
 from .head import head_cross_entropy, head_cross_entropy_reference
 
 VARIANTS = ("base", "reweighted", "loo")
-HEADS = ("blocked", "reference")
+HEADS = ("tiled", "reference")
 
 
 def _blocks(ids: torch.Tensor | None, s: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class ObjectiveConfig:
     reweight_clip: float | None = 10.0
     ar_scope: str = "all"  # "all": prompt and response (the reference); "response": response tokens only
     canvases_per_example: int = 1  # independent (canvas, t) draws per example, sharing one encoder pass
-    head: str = "blocked"  # the LM head's loss: "blocked" (`training.head`) or "reference" (full logits)
+    head: str = "tiled"  # the LM head's loss: "tiled" (`training.head`) or "reference" (full logits)
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -174,7 +174,7 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
     enc = BatchEncoderPass(valid, window, blocks)
     positions = torch.arange(s, device=dev).repeat(b)
     hidden = model.forward_tokens(embeds, positions, enc, checkpoint)
-    head = head_cross_entropy if cfg.head == "blocked" else head_cross_entropy_reference
+    head = head_cross_entropy if cfg.head == "tiled" else head_cross_entropy_reference
 
     def head_loss(h, targets, bump=None, shift=None):  # per-row cross-entropy of the soft-capped tied head
         return head(h, model.embed_tokens.weight, targets, model.config.final_logit_softcapping, bump, shift)
