@@ -32,7 +32,8 @@ def _tile(h: torch.Tensor, weight: torch.Tensor, cap: float, c0: int, targets: t
     return t, z, rows, targets[rows] - c0
 
 
-def _blocks(n: int, v: int, rows: int, cols: int):
+def _tiles(n: int, v: int, rows: int, cols: int):
+    """Row slices, each with its (first vocabulary id, vocabulary slice) tiles."""
     for r0 in range(0, n, rows):
         yield slice(r0, r0 + rows), [(c0, slice(c0, c0 + cols)) for c0 in range(0, v, cols)]
 
@@ -47,7 +48,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         picked = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for rs, chunks in _blocks(n, v, rows, cols):
+        for rs, chunks in _tiles(n, v, rows, cols):
             h, tg = hidden[rs], targets[rs]
             run_max = torch.full((h.shape[0],), -math.inf, dtype=torch.float32, device=h.device)
             run_sum = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
@@ -68,7 +69,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for rs, chunks in _blocks(hidden.shape[0], weight.shape[0], ctx.rows, ctx.cols):
+        for rs, chunks in _tiles(hidden.shape[0], weight.shape[0], ctx.rows, ctx.cols):
             h, g = hidden[rs], grad[rs].float()
             for c0, cs in chunks:  # each tile's gradient needs only the saved logsumexp
                 w = weight[cs]
