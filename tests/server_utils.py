@@ -18,11 +18,10 @@ def free_port() -> int:
 def running_server(model_dir, **settings):
     import uvicorn
 
+    import diffusiongemma as dg
     from diffusiongemma.server.app import ServerSettings, create_app
-    from diffusiongemma.text.bundle import TextModel
 
-    tm = TextModel.load(model_dir, dtype="float32")
-    app = create_app(tm, ServerSettings(**settings))
+    app = create_app(dg.load(model_dir, dtype="float32"), ServerSettings(**settings))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -21,8 +21,9 @@ def test_gpu_readiness_script_cpu_mode():
     assert res["canvas"] == 32 and res["weights_GB"] > 0 and res["cuda_graph"] is False
 
 
+@pytest.mark.slow
 def test_bench_command_runs_both_sides(tmp_path):
-    from diffusiongemma.bench.checkpoints import write_random_checkpoint
+    from diffusiongemma.loader.random_weights import write_random_checkpoint
 
     path = write_random_checkpoint(tmp_path / "tiny", "tiny", torch.bfloat16)
     r = subprocess.run([sys.executable, "-m", "diffusiongemma", "bench", "--model", str(path), "--repeats", "1",
@@ -35,10 +36,11 @@ def test_bench_command_runs_both_sides(tmp_path):
     assert res["ratio"]["ms_step"] > 0 and "tokens/s" in r.stdout
 
 
+@pytest.mark.slow
 def test_bench_same_draws_gives_both_sides_the_same_forwards(tmp_path):
     """--same-draws: the reference draws the engine's keyed random numbers, so in adaptive mode (where
     different draws stop canvases after different step counts) both sides run the same forwards (fp32)."""
-    from diffusiongemma.bench.checkpoints import write_random_checkpoint
+    from diffusiongemma.loader.random_weights import write_random_checkpoint
 
     path = write_random_checkpoint(tmp_path / "tiny", "tiny", torch.float32)
     r = subprocess.run([sys.executable, "-m", "diffusiongemma", "bench", "--model", str(path), "--repeats", "1",
@@ -51,6 +53,7 @@ def test_bench_same_draws_gives_both_sides_the_same_forwards(tmp_path):
     assert res["env"]["same_draws"] and "same draws" in r.stdout
 
 
+@pytest.mark.slow
 def test_head_memory_bench_shows_the_tiled_loss_holds_no_logits():
     from diffusiongemma.bench.head_memory import main
 

@@ -43,11 +43,12 @@ def test_chat_keeps_history(tiny_text_model_dir):
 @pytest.mark.parametrize("args,msg", [
     (["generate", "hi", "--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
     (["generate", "--messages", "/nonexistent.json", "hi"], None),
-    (["generate", "hi", "--steps", "0"], "expected a positive integer"),
-    (["generate", "hi", "--t-max", "abc"], "expected a positive number"),
+    (["generate", "hi", "--steps", "0"], "argument --steps: max_denoising_steps must be a positive integer, got 0"),
+    (["generate", "hi", "--t-max", "abc"], "argument --t-max: t_max must be a positive number, got 'abc'"),
+    (["generate", "hi", "--t-max", "0.3", "--t-min", "0.5"], "t_max must be greater than t_min"),
+    (["generate", "hi", "--thinking-budget", "-1"], "thinking_budget must be an integer >= 0, got -1"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tiny_text_model_dir, args, msg):
-    args = [a if a != "--model" else a for a in args]
     if "--model" not in args:
         args += ["--model", str(tiny_text_model_dir)]
     r = run(*args)
@@ -72,3 +73,13 @@ def test_unreadable_messages_file(tiny_text_model_dir, tmp_path):
 def test_unknown_command():
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("script,args", [("generate_ids.py", []), ("chat_stream.py", ["Reverse the list: a b c"])])
+def test_examples_run(script, args):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tokens per forward" in r.stdout or "stats:" in r.stdout

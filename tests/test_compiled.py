@@ -1,4 +1,4 @@
-"""The compiled engine step (`Engine(compile=True)`) against the eager step it compiles, and the
+"""The compiled step runner (`Engine(runner="compiled")`) against the eager step it compiles, and the
 commit-only encoder pass (`encode(hidden=False)`) against the full one. fp32, tiny random model
 (sliding window 8, canvas 16: every commit crosses the window)."""
 
@@ -53,6 +53,7 @@ def test_kv_view_reads_the_cache(ck):
         assert view.keys[i].shape[1] > view.lengths[i]  # the cache keeps a spare row (one compiled graph)
 
 
+@pytest.mark.slow
 def test_compiled_step_and_commit_equal_the_eager_ones(ck):
     m = ck.model
     step = CompiledStep(m)
@@ -88,30 +89,31 @@ def test_compiled_step_and_commit_equal_the_eager_ones(ck):
     assert step.failed is None
 
 
+@pytest.mark.slow
 def test_compiled_engine_gives_the_eager_engine_tokens(ck):
     params = [SamplingParams(max_tokens=80, seed=s) for s in range(3)]
     prompts = [[5, 6, 7, 8], [9, 10, 11], list(range(20, 45))]
     eager = Engine.from_checkpoint(ck).generate(prompts, params)
-    engine = Engine.from_checkpoint(ck, compile=True)
+    engine = Engine.from_checkpoint(ck, runner="compiled")
     assert engine.warm_up() > 0
     compiled = engine.generate(prompts, params)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     assert sum(c.stats.commit_forwards for c in compiled) > 3  # commits ran (through the compiled graph)
-    assert engine._compiled.failed is None
-    with pytest.raises(ValueError, match="choose one"):
-        Engine.from_checkpoint(ck, compile=True, static=True)
+    assert engine.runner.compiled.failed is None
+    with pytest.raises(ValueError, match="unknown step runner 'fast'; choose one of eager, compiled, static"):
+        Engine.from_checkpoint(ck, runner="fast")
 
 
 def test_a_failed_compile_falls_back_to_the_eager_step(ck, caplog):
     eager = Engine.from_checkpoint(ck).generate([[5, 6, 7]], SamplingParams(max_tokens=40, seed=3))[0]
-    engine = Engine.from_checkpoint(ck, compile=True)
+    engine = Engine.from_checkpoint(ck, runner="compiled")
 
     def broken(*args):
         raise RuntimeError("no C++ compiler\nmore lines")
 
-    engine._compiled._step_graph = engine._compiled._commit_graph = broken
+    engine.runner.compiled._step_graph = engine.runner.compiled._commit_graph = broken
     with caplog.at_level(logging.WARNING):
         out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=40, seed=3))[0]
     assert out.token_ids == eager.token_ids
-    assert engine._compiled.failed == "RuntimeError: no C++ compiler"
+    assert engine.runner.compiled.failed == "RuntimeError: no C++ compiler"
     assert "running it eagerly" in caplog.text

@@ -45,7 +45,7 @@ def test_unknown_keys_are_ignored():
     d = base()
     d["something_new"] = 1
     d["text_config"]["another_new_field"] = [1, 2]
-    ModelConfig.from_dict(d)
+    assert ModelConfig.from_dict(d) == ModelConfig.from_dict(base())
 
 
 def test_missing_required_field_names_field_and_file(tmp_path):

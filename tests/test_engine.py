@@ -83,16 +83,17 @@ def test_stop_id_inside_a_canvas(pair):
     out = None
     for seed in range(20):
         out = Engine.from_checkpoint(ck).generate([[5, 6, 7]], SamplingParams(max_tokens=200, seed=seed))[0]
-        if out.finish_reason == "stop" and len(out.token_ids) % 16 not in (0,):
+        if out.finish_reason == "stop" and len(out.token_ids) % 16 != 0:
             break
     assert out.finish_reason == "stop" and out.token_ids[-1] in STOPS
+    assert len(out.token_ids) % 16 != 0  # the stop id came inside a canvas: the rest of that canvas was cut
     assert not any(t in STOPS for t in out.token_ids[:-1])
 
 
 def test_events_stream_and_statistics(pair):
     _, ck = pair
     eng = Engine.from_checkpoint(ck)
-    rid = eng.add([5, 6, 7], SamplingParams(max_tokens=40, seed=4, draft=True, stop_token_ids=()))
+    rid = eng.add([5, 6, 7], SamplingParams(max_tokens=40, seed=4, stop_token_ids=()), draft=True)
     events = list(eng.stream())
     drafts = [e for e in events if isinstance(e, DraftEvent)]
     commits = [e for e in events if isinstance(e, CommitEvent)]
@@ -139,9 +140,22 @@ def test_initial_canvas_and_per_request_settings(pair):
                                                                   max_denoising_steps=1))[0]
     b = Engine.from_checkpoint(ck).generate([[5]], SamplingParams(max_tokens=16, seed=0, max_denoising_steps=1))[0]
     assert a.token_ids != b.token_ids
-    p = SamplingParams(max_tokens=16, seed=0, max_denoising_steps=3, t_max=1.5, t_min=1.0, entropy_bound=5.0)
-    out = Engine.from_checkpoint(ck).generate([[5]], p)[0]
-    assert out.stats.steps_per_canvas[0] <= 3
+    # two requests in one batch, each with settings of its own: its own step cap and temperature schedule
+    # (a stability window longer than the cap: neither can stop early)
+    eng = Engine.from_checkpoint(ck, max_batch=2)
+    hot = eng.add([5], SamplingParams(max_tokens=16, seed=0, max_denoising_steps=3, t_max=1.5, t_min=1.0,
+                                      entropy_bound=5.0, stability_threshold=100), draft=True)
+    cold = eng.add([5], SamplingParams(max_tokens=16, seed=0, max_denoising_steps=5, stability_threshold=100),
+                   draft=True)
+    events = list(eng.stream())
+    drafts = {rid: [e for e in events if isinstance(e, DraftEvent) and e.request_id == rid] for rid in (hot, cold)}
+    # T = t_min + (t_max - t_min) * remaining / N, remaining = N..1
+    assert [e.temperature for e in drafts[hot]] == pytest.approx([1.5, 1.0 + 0.5 * 2 / 3, 1.0 + 0.5 / 3])
+    assert [e.temperature for e in drafts[cold]] == pytest.approx([0.8, 0.72, 0.64, 0.56, 0.48])
+    steps = {e.request_id: e.stats.steps_per_canvas for e in events if isinstance(e, CommitEvent) and e.finish_reason}
+    assert steps == {hot: [3], cold: [5]}
+    # entropy bound 5 nats accepts far more of the first canvas than the release's 0.1
+    assert int(drafts[hot][0].accepted.sum()) > int(drafts[cold][0].accepted.sum())
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -281,6 +295,41 @@ def test_static_engine_gives_the_dynamic_engines_tokens(pair):
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
     params = [SamplingParams(max_tokens=48, seed=s) for s in (21, 22, 23)]
     dynamic = Engine.from_checkpoint(ck, max_batch=2, batch_invariant=False).generate(prompts, params)
-    static = Engine.from_checkpoint(ck, max_batch=2, static=True, max_context=128).generate(prompts, params)
+    static = Engine.from_checkpoint(ck, max_batch=2, runner="static", max_context=128).generate(prompts, params)
     assert [c.token_ids for c in static] == [c.token_ids for c in dynamic]
     assert [c.finish_reason for c in static] == [c.finish_reason for c in dynamic]
+
+
+@pytest.mark.gpu
+def test_static_step_is_captured_as_a_cuda_graph_and_replays_the_eager_step():
+    """On a GPU the fixed-shape step is captured once as a CUDA graph; each replay must compute what the same
+    step run eagerly computes, for new inputs written into the same buffers (fp32, a random tiny model)."""
+    from diffusiongemma.engine.static import StaticStep
+    from diffusiongemma.loader.random_weights import random_model, size_config
+
+    dev = torch.device("cuda")
+    config = size_config("tiny")
+    m, L = random_model(config, torch.float32, device=dev), config.canvas_length
+    graphed = StaticStep(m, slots=2, canvas_length=L, capacity=128)
+    eager = StaticStep(m, slots=2, canvas_length=L, capacity=128, graph=False)
+    assert graphed.graph_enabled and not eager.graph_enabled
+    g = torch.Generator(device=dev).manual_seed(0)
+    caches = [m.new_cache() for _ in range(2)]
+    with torch.inference_mode():
+        for c, n in zip(caches, (9, 80)):  # 80 > the sliding window (64): a full sliding slot
+            m.encode(torch.randint(0, 512, (n,), device=dev, generator=g), [c])
+    for step in range(3):  # capture at the first run, then replays with new inputs
+        for st in (graphed, eager):
+            for slot, c in enumerate(caches):
+                st.load(slot, c)
+        soft = None if step == 0 else torch.randn(L, config.text.hidden_size, device=dev, generator=g)
+        inputs = [(torch.randint(0, 512, (L,), device=dev, generator=g), soft, 0.8 - 0.1 * step,
+                   torch.rand(L, device=dev, generator=g, dtype=torch.float64)) for _ in caches]
+        for st in (graphed, eager):
+            for slot, (c, (canvas, sf, t, u)) in enumerate(zip(caches, inputs)):
+                st.set_inputs(slot, canvas, sf, c.next_position, t, u)
+            st.run()
+        assert graphed._graph is not None
+        assert torch.equal(graphed.argmax, eager.argmax) and torch.equal(graphed.sample, eager.sample)
+        torch.testing.assert_close(graphed.entropy, eager.entropy, atol=1e-6, rtol=0)
+        torch.testing.assert_close(graphed.next_soft, eager.next_soft, atol=1e-6, rtol=1e-6)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import diffusiongemma as dg
-from diffusiongemma.engine import Engine, SamplingParams
-from diffusiongemma.text.bundle import TextModel
-from diffusiongemma.text.stream import TextStream
+from diffusiongemma.engine import SamplingParams
+from diffusiongemma.generation import Generator
 from diffusiongemma.training import tasks
 from diffusiongemma.training.tokenizer import RELEASE_SPECIALS
 from diffusiongemma.training.vision_tasks import make_image_example
@@ -23,27 +22,28 @@ def test_release_layout_and_size(shipped_model_dir):
     assert sum(p.stat().st_size for p in shipped_model_dir.iterdir()) < 25 * 2**20
     gen = json.loads((shipped_model_dir / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [1, 106, 50] and gen["max_denoising_steps"] == 48
-    tm = TextModel.load(shipped_model_dir)
+    ck = dg.load(shipped_model_dir)
     for i, s in RELEASE_SPECIALS.items():
-        assert tm.tokenizer.token_id(s) == i
-    cfg = tm.checkpoint.config
+        assert ck.tokenizer.token_id(s) == i
+    cfg = ck.config
     assert "full_attention" in cfg.text.layer_types and "sliding_attention" in cfg.text.layer_types
-    assert cfg.text.num_experts > 1 and cfg.vision is not None and tm.sees
+    assert cfg.text.num_experts > 1 and cfg.vision is not None and ck.vision is not None
 
 
 def test_loads_in_transformers_with_the_same_logits(shipped_model_dir):
     from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(str(shipped_model_dir), dtype=torch.float32).eval()
-    tm = TextModel.load(shipped_model_dir, dtype="float32")
+    ck = dg.load(shipped_model_dir, dtype="float32")
     img, q, _ = make_image_example("color", 3)
-    ids, images = tm.chat_inputs([{"role": "user", "content": [{"type": "image", "image": img},
-                                                               {"type": "text", "text": q}]}])
+    prompt = Generator(ck).chat([{"role": "user", "content": [{"type": "image", "image": img},
+                                                             {"type": "text", "text": q}]}])
+    ids, images = prompt.ids, prompt.images
     ids_t = torch.tensor(ids)
-    model, cache = tm.checkpoint.model, tm.checkpoint.model.new_cache()
+    model, cache = ck.model, ck.model.new_cache()
     from diffusiongemma.vision.placement import embed_prompt
 
-    cfg = tm.checkpoint.config
+    cfg = ck.config
     tt = (ids_t == cfg.image_token_id).long()[None]
     cache_t = DynamicCache(config=ref.config.text_config)
     pos = torch.arange(len(ids))[None]
@@ -54,7 +54,7 @@ def test_loads_in_transformers_with_the_same_logits(shipped_model_dir):
         out = ref.model.encoder(input_ids=ids_t[None], attention_mask=masks, past_key_values=cache_t, position_ids=pos,
                                 pixel_values=torch.stack([im.pixel_values for im in images]),
                                 image_position_ids=torch.stack([im.positions for im in images]), mm_token_type_ids=tt)
-        embeds, blocks = embed_prompt(model, tm.checkpoint.vision, ids_t, images, (cfg.image_token_id,))
+        embeds, blocks = embed_prompt(model, ck.vision, ids_t, images, (cfg.image_token_id,))
         hidden = model.encode(None, [cache], inputs_embeds=embeds, block_ids=blocks)
         torch.testing.assert_close(hidden, out.last_hidden_state[0], atol=1e-4, rtol=0)
         canvas = torch.randint(0, cfg.text.vocab_size, (1, cfg.canvas_length))
@@ -65,22 +65,18 @@ def test_loads_in_transformers_with_the_same_logits(shipped_model_dir):
 def _held_out_right(model_dir, families, n=4):
     """Exact answers on a fixed handful of held-out items with fixed seeds (the full evaluation is
     `diffusiongemma eval`; its table is in the README)."""
-    tm = TextModel.load(model_dir)
-    engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids())
+    gen = Generator(dg.load(model_dir))
     right = total = 0
     for family in families:
         for i in range(n):
             ex = tasks.make_example(family, tasks.EVAL_SEEDS.start + 50_000 + i)
             turn = ex.turns[0]
-            ids, images = tm.chat_inputs(turn.messages, turn.tools, turn.thinking)
-            s = TextStream(tm.tokenizer)
-            engine.generate([ids], SamplingParams(max_tokens=128, seed=i), hooks=[s])
-            s.finish()
+            r = gen.run([gen.chat(turn.messages, turn.tools, turn.thinking)], SamplingParams(max_tokens=128, seed=i))[0]
             if family == "tools":  # the first turn is the call
-                right += len(s.calls) == 1 and s.calls[0].name == ex.call["name"] \
-                    and s.calls[0].arguments == ex.call["arguments"]
+                right += len(r.tool_calls) == 1 and r.tool_calls[0].name == ex.call["name"] \
+                    and r.tool_calls[0].arguments == ex.call["arguments"]
             else:
-                right += s.content.strip() == ex.answer
+                right += r.content.strip() == ex.answer
             total += 1
     return right, total
 

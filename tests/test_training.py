@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import diffusiongemma as dg
-from diffusiongemma.bench.checkpoints import random_model, size_config
 from diffusiongemma.config import GenerationConfig, ModelConfig, TextConfig
+from diffusiongemma.loader.random_weights import random_model, size_config
 from diffusiongemma.sampling.noise import corrupt
 from diffusiongemma.training.head import head_cross_entropy, head_cross_entropy_reference
 from diffusiongemma.training.objective import (
@@ -201,15 +201,37 @@ def test_micro_batched_loss_and_gradient_equal_one_padded_batch():
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-5, rtol=1e-3)  # float summation order
 
 
+def host_kind() -> str:
+    """What decides fp32 kernels' summation order here: the CPU vendor (MKL takes other code paths on AMD) and
+    the vector ISA torch dispatches to."""
+    vendor = "unknown"
+    try:
+        vendor = next(line.split(":")[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        pass
+    return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_golden_loss_curve(tmp_path):
-    """A 30-step run on CPU in fp32 reproduces the committed curve exactly (in one thread: the order of the sums)."""
+    """A 30-step run on CPU in fp32 reproduces the committed curve of this kind of host exactly (in one thread:
+    the order of the sums). Across hosts the kernels round differently by ~1e-6 at step 1, and 30 steps of
+    training amplify that to ~1e-2 by the end, about what a deliberate change to the objective moves it, so
+    the curve is kept per host kind (vendor and vector ISA). On a kind with no curve yet, the first three
+    steps must still agree with a known host's to 1e-5 (they do to 2e-6 across the two known kinds)."""
     rows, _ = run(tmp_path / "run", 30)
     curve = [round(r["loss"], 6) for r in rows]
-    if os.environ.get("DG_WRITE_GOLDEN"):  # deliberate change of the objective or trainer: rewrite, commit
-        GOLDEN.write_text(json.dumps(curve) + "\n")
-    assert GOLDEN.exists(), f"{GOLDEN} is missing (DG_WRITE_GOLDEN=1 writes it)"
-    assert curve == json.loads(GOLDEN.read_text())
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("DG_WRITE_GOLDEN"):  # deliberate change of the objective or trainer, or a new host kind
+        golden = {**golden, host_kind(): curve} if os.environ["DG_WRITE_GOLDEN"] == "add" else {host_kind(): curve}
+        GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+    assert golden, f"{GOLDEN} is missing (DG_WRITE_GOLDEN=1 writes it)"
+    if host_kind() in golden:
+        assert curve == golden[host_kind()]
+    else:
+        assert any(max(abs(a - b) for a, b in zip(curve[:3], known[:3])) < 1e-5 for known in golden.values()), (
+            f"no golden curve for {host_kind()} and the first steps differ from every known host's: {curve[:3]}")
     assert curve[-1] < curve[0]
     written = [json.loads(line) for line in (tmp_path / "run" / "loss_curve.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 6) for r in written] == curve
@@ -256,8 +278,8 @@ def test_lora_fine_tune_lowers_loss_and_merges_once(tmp_path):
 
 def test_qk_norm_init_gives_unit_scale_attention_logits():
     """`--qk-norm-init`: q.k starts near unit scale instead of ~sqrt(head_dim) (the reference's ones)."""
-    from diffusiongemma.bench.checkpoints import init_reference_
     from diffusiongemma.loader import build_text_model
+    from diffusiongemma.loader.random_weights import init_reference_
     from diffusiongemma.training import recipe as R
 
     model = build_text_model(R.model_config(512), device="cpu")
@@ -278,7 +300,7 @@ def test_qk_norm_init_gives_unit_scale_attention_logits():
 
 
 def test_task_mixture_follows_its_curriculum(shipped_model_dir):
-    from diffusiongemma.text.bundle import PromptBuilder
+    from diffusiongemma.generation import PromptBuilder
     from diffusiongemma.text.chat import ChatTemplate
     from diffusiongemma.text.tokenizer import Tokenizer
     from diffusiongemma.training.data import DataError, TaskMixture
@@ -300,10 +322,9 @@ def test_shipped_recipe_trains_text_and_vision_in_one_run(tmp_path, monkeypatch)
     ids, a vision tower, its preprocessing config, and every image answer is one token of its tokenizer."""
     import functools
 
-    from diffusiongemma.text.bundle import TextModel
+    from diffusiongemma.cli.train import main
     from diffusiongemma.training import corpus
     from diffusiongemma.training import recipe as R
-    from diffusiongemma.training.cli import main
     from diffusiongemma.training.vision_tasks import QUESTION_TYPES, answers
 
     rng = random.Random(0)
@@ -313,17 +334,17 @@ def test_shipped_recipe_trains_text_and_vision_in_one_run(tmp_path, monkeypatch)
     monkeypatch.setattr(R, "Recipe", functools.partial(R.Recipe, tokenizer_samples=40, text_samples=200,
                                                        vocab_size=1024, curriculum=()))
     assert main(["--recipe", "shipped", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8"]) == 0
-    tm = TextModel.load(tmp_path, dtype="float32")
-    assert tm.sees and (tmp_path / "preprocessor_config.json").is_file()
-    assert [tm.tokenizer.token_id(s) for s in ("<|image>", "<|image|>", "<image|>")] == [107, 108, 109]
+    ck = dg.load(tmp_path, dtype="float32")
+    assert ck.vision is not None and (tmp_path / "preprocessor_config.json").is_file()
+    assert [ck.tokenizer.token_id(s) for s in ("<|image>", "<|image|>", "<image|>")] == [107, 108, 109]
     for kind in QUESTION_TYPES:
         for a in answers(kind):
-            assert len(tm.tokenizer.encode(a)) == 1, a
+            assert len(ck.tokenizer.encode(a)) == 1, a
     rows = [json.loads(x) for x in (tmp_path / "loss_curve.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
     from diffusiongemma.vision.tower import Vision
 
-    start = Vision(tm.checkpoint.config.vision, tm.checkpoint.config.text.hidden_size)
+    start = Vision(ck.config.vision, ck.config.text.hidden_size)
     R.init_vision_(start, seed=0)
-    trained = tm.checkpoint.vision.state_dict()
+    trained = ck.vision.state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in start.state_dict().items())  # images were in the batches

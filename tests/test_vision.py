@@ -183,8 +183,9 @@ def test_video_from_animated_image_and_file(tmp_path):
 
 
 def test_prompt_builder_expands_images_and_video(small_tokenizer_dir, tmp_path):
-    from diffusiongemma.text.bundle import MediaPolicy, PromptBuilder
+    from diffusiongemma.generation import PromptBuilder
     from diffusiongemma.text.chat import ChatError, ChatTemplate
+    from diffusiongemma.text.media import MediaPolicy
     from diffusiongemma.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(small_tokenizer_dir)

@@ -2,6 +2,7 @@
 one commit forward and one sampler step at the canvas length, and project tokens/s.
 
     python -m diffusiongemma.bench.gpu                    # release-shaped, bf16, on the GPU
+    python -m diffusiongemma.bench.gpu --tests            # ... and the test suite's `gpu` tests (from a checkout)
     python -m diffusiongemma.bench.gpu --size tiny --device cpu   # the small CPU mode the tests run
 
 The step is timed twice: the engine's dynamic path, and the fixed-shape step (`engine.static`) that a
@@ -24,7 +25,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..engine import Engine, SamplingParams
-from .checkpoints import size_config
+from ..loader.random_weights import random_model, size_config
 
 
 def _sync(device):
@@ -33,25 +34,9 @@ def _sync(device):
 
 
 def build(size: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """The model of a named size, materialised on `device` with N(0, 0.02) weights (norms 1)."""
-    from ..loader import build_text_model
-    from ..model.layers import RotaryEmbedding
-
+    """The model of a named size, built and initialised on `device` (the reference's N(0, 0.02) weights)."""
     config = size_config(size)
-    model = build_text_model(config, device="meta").to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.fill_(1.0)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.fill_(1.0)
-    with torch.device(device):
-        model.rotary = RotaryEmbedding(config.text)
-    return model.eval().requires_grad_(False), config
+    return random_model(config, dtype, seed, device), config
 
 
 def bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -97,16 +82,17 @@ def run(size: str, device: torch.device, dtype: torch.dtype, prompt: int, repeat
     t_commit = timed(lambda: _commit(model, cache, canvas), device, repeats)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "size": size, "dtype": str(dtype).removeprefix("torch."), "canvas": L, "weights_GB": weights / 1e9,
-           "ms_decoder_forward": t.ms_per_call("decoder"), "ms_sampler_step": t.ms_per_call("vocabulary") +
-           t.ms_per_call("sampler"), "ms_commit_forward": 1000 * t_commit}
+           "ms_decoder_forward": t.ms_per_call("decoder"), "ms_sampler_step": t.ms_per_step("vocabulary", "sampler"),
+           "ms_commit_forward": 1000 * t_commit}
     # the same step with static shapes (a CUDA graph replay on a GPU): decoder forward + vocabulary pass
-    static = Engine(model, GenerationConfig(eos_token_id=(1,)), L, max_batch=1, static=True, max_context=prompt + 2 * L)
+    static = Engine(model, GenerationConfig(eos_token_id=(1,)), L, max_batch=1, runner="static",
+                    max_context=prompt + 2 * L)
     static.add(ids, SamplingParams(max_tokens=L, max_denoising_steps=2, seed=0, stop_token_ids=()))
     list(static.stream())
-    out["cuda_graph"] = static._static.graph_enabled
-    out["ms_static_step"] = 1000 * timed(static._static.run, device, repeats)
+    out["cuda_graph"] = static.runner.static.graph_enabled
+    out["ms_static_step"] = 1000 * timed(static.runner.static.run, device, repeats)
     step = (min(out["ms_decoder_forward"] + t.ms_per_call("vocabulary"), out["ms_static_step"])
-            + t.ms_per_call("sampler")) / 1000
+            + t.ms_per_step("sampler")) / 1000
     bw = bandwidth(device)
     out["bandwidth_GBps"] = bw / 1e9
     for tpf in (15, 20):
@@ -132,8 +118,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens before the canvas")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tests", action="store_true",
+                    help="first run the test suite's tests marked gpu (pytest -m gpu tests/, from a checkout)")
     a = ap.parse_args(argv)
+    tests = None
+    if a.tests:
+        import subprocess
+        import sys
+
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"]).returncode
     res = run(a.size, torch.device(a.device), getattr(torch, a.dtype), a.prompt, a.repeats)
+    if tests is not None:
+        res["gpu_tests_returncode"] = tests
     for k, v in res.items():
         print(f"{k:34} {v:,.2f}" if isinstance(v, float) else f"{k:34} {v}")
     print(json.dumps({"gpu_readiness": res}))

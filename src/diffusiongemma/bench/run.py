@@ -13,7 +13,7 @@ in the release format under ~/.cache/diffusiongemma, so the figures can be repro
 download. With a checkpoint that has a tokenizer (the shipped model), prompts come from the held-out
 task families and the exact-match rate of both sides is reported beside the speed.
 
-`--compile` runs our side with the compiled engine step (`Engine(compile=True)`); the compile happens in
+`--compile` runs our side with the compiled step runner (`Engine(runner="compiled")`); the compile happens in
 the process's first generation, whose time is its own row, and the compiler's memory counts in the
 peak. `--same-draws` makes the reference draw the engine's keyed random numbers (`bench.same_draws`),
 so in adaptive mode both sides stop each canvas after the same steps and tokens/s compares like for like.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import SIZES, write_random_checkpoint
+from ..loader.random_weights import SIZES, write_random_checkpoint
 from .memory import rss_bytes
 
 CACHE = Path(os.environ.get("DIFFUSIONGEMMA_CACHE", Path.home() / ".cache" / "diffusiongemma"))
@@ -55,20 +55,19 @@ METRICS = [  # (key, label, better): "higher" rates, "lower" times
 
 def _prompts(model_dir: Path, n: int, vocab: int):
     """(ids, expected answer or None) per prompt."""
-    if (model_dir / "tokenizer.json").is_file():
-        from ..text.chat import ChatTemplate, normalize_messages
+    if (model_dir / "tokenizer.json").is_file():  # the tokenizer and template only: no second copy of the weights
+        from ..generation import PromptBuilder
+        from ..text.chat import ChatTemplate
         from ..text.tokenizer import Tokenizer
         from ..training import tasks
 
         tok = Tokenizer.from_dir(model_dir)
-        tpl = ChatTemplate.from_dir(model_dir, tok.special_tokens_map())
+        prompts = PromptBuilder(tok, ChatTemplate.from_dir(model_dir, tok.special_tokens_map()))
         out = []
         for i in range(n):
             fam = tasks.FAMILIES[i % 4]  # the single-turn families
-            ex = tasks.make_example(fam, tasks.EVAL_SEEDS.start + 777 + i)
-            t = ex.turns[0]
-            out.append((tok.encode(tpl.render(normalize_messages(t.messages), t.tools, True,
-                                              enable_thinking=t.thinking)), ex.answer))
+            t = (ex := tasks.make_example(fam, tasks.EVAL_SEEDS.start + 777 + i)).turns[0]
+            out.append((prompts.chat(t.messages, t.tools, t.thinking).ids, ex.answer))
         return out, tok
     g = torch.Generator().manual_seed(0)
     return [(torch.randint(10, vocab, (32,), generator=g).tolist(), None) for _ in range(n)], None
@@ -77,12 +76,9 @@ def _prompts(model_dir: Path, n: int, vocab: int):
 def _answer_ok(tok, ids, expected) -> bool | None:
     if tok is None or expected is None:
         return None
-    from ..text.stream import TextStream
+    from ..generation import parse_ids
 
-    s = TextStream(tok)
-    s(ids)
-    s.finish()
-    return s.content.strip() == expected
+    return parse_ids(tok, ids).content.strip() == expected
 
 
 def _touch(params) -> int:
@@ -105,10 +101,10 @@ def worker(side: str, a) -> dict:
 
         from ..engine import Engine, SamplingParams
 
-        ck = dg.load(model_dir, dtype=dtype)
+        ck = dg.load(model_dir, dtype=dtype, vision=False, text=False)  # what the reference side loads: text
         weights = _touch(ck.model.parameters())
         vocab, L, stops = ck.config.text.vocab_size, ck.config.canvas_length, ck.generation_config.eos_token_id
-        engine = Engine.from_checkpoint(ck, compile=a.compile)
+        engine = Engine.from_checkpoint(ck, runner="compiled" if a.compile else "eager")
         engine.timings.enabled = True
 
         def generate(ids, seed):
@@ -121,11 +117,9 @@ def worker(side: str, a) -> dict:
 
         def phase_ms():
             t = engine.timings
-            step = sum(t.seconds.get(k, 0.0) for k in ("decoder", "vocabulary", "sampler"))
-            n = max(t.calls.get("decoder", 0), 1)
             return {"ms_decoder_forward": t.ms_per_call("decoder"),
-                    "ms_sampler": 1000 * (t.seconds.get("vocabulary", 0.0) + t.seconds.get("sampler", 0.0)) / n,
-                    "ms_step": 1000 * step / n, "ms_commit": t.ms_per_call("commit"),
+                    "ms_sampler": t.ms_per_step("vocabulary", "sampler"),
+                    "ms_step": t.ms_per_step("decoder", "vocabulary", "sampler"), "ms_commit": t.ms_per_call("commit"),
                     "ms_vocabulary": t.ms_per_call("vocabulary")}
 
         reset = engine.timings.reset
@@ -258,7 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per prompt (default: one canvas)")
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating")
     ap.add_argument("--compile", action="store_true",
-                    help="our side runs the compiled denoising step (Engine(compile=True)); the compile is in the warm-up")
+                    help="our side runs the compiled step runner (Engine(runner='compiled')); the compile is in the warm-up")
     ap.add_argument("--same-draws", action="store_true",
                     help="the reference draws the engine's keyed random numbers (same seeds): both sides then take "
                          "the same path, so tokens per forward match and tokens/s compares like for like")

@@ -34,7 +34,9 @@ def _reference(h, E, L, sc_prev):
 
     V = E.shape[0]
     soft = torch.matmul(sc_prev.softmax(dim=-1, dtype=torch.float32).to(E.dtype), E) * (E.shape[1] ** 0.5)
-    logits = torch.tanh(torch.nn.functional.linear(h, E)[None].float() / 30.0) * 30.0
+    from ..sampling.head import lm_head
+
+    logits = lm_head(h, E, 30.0)[None]  # the reference's full [1, canvas, vocab] logits
     processed = logits / 0.7
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     sample = torch.multinomial(probs.view(-1, V), num_samples=1).view(1, L)

@@ -9,8 +9,8 @@ COMMANDS = {
     "chat": ("diffusiongemma.cli.chat", "interactive chat with history"),
     "serve": ("diffusiongemma.cli.serve", "OpenAI-compatible server with a browser view of the canvas"),
     "bench": ("diffusiongemma.bench.run", "benchmark against the reference implementation"),
-    "train": ("diffusiongemma.training.cli", "train or fine-tune a model"),
-    "eval": ("diffusiongemma.training.evaluate", "evaluate a model on held-out task families"),
+    "train": ("diffusiongemma.cli.train", "train or fine-tune a model"),
+    "eval": ("diffusiongemma.cli.eval", "evaluate a model on held-out task families"),
     "random-checkpoint": ("diffusiongemma.cli.random_checkpoint", "write a random checkpoint of a named size"),
 }
 

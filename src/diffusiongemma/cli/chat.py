@@ -8,12 +8,14 @@ import argparse
 import sys
 
 from .common import (
+    DeltaPrinter,
     add_media_args,
     add_model_args,
     add_sampler_args,
-    load_text_model,
-    make_engine,
+    load_model,
+    make_generator,
     media_parts,
+    output_options,
     run_cli,
     run_request,
     sampling_params,
@@ -21,21 +23,18 @@ from .common import (
 
 
 def _main(argv) -> int:
-    from ..text.stream import TextStream
-
     ap = argparse.ArgumentParser(prog="diffusiongemma chat", description=__doc__.split("\n\n")[0])
     ap.add_argument("--system", help="system prompt")
     add_media_args(ap)
     add_model_args(ap)
     add_sampler_args(ap)
     a = ap.parse_args(argv)
-    tm = load_text_model(a)
-    engine = make_engine(tm, a.compile)
+    params, options = sampling_params(a), output_options(a)
+    gen = make_generator(a, load_model(a))
     pending_media = media_parts(a)  # images given on the command line go with the first message
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     thinking = a.think
-    tty = sys.stdout.isatty()
-    print(f"chatting with {tm.name} (thinking {'on' if thinking else 'off'}; /think on|off, /reset, /quit)",
+    print(f"chatting with {gen.checkpoint.name} (thinking {'on' if thinking else 'off'}; /think on|off, /reset, /quit)",
           file=sys.stderr)
     while True:
         try:
@@ -63,46 +62,22 @@ def _main(argv) -> int:
         content = pending_media + [{"type": "text", "text": line}] if pending_media else line
         pending_media = []
         history.append({"role": "user", "content": content})
-        stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
-        printer = _Printer(tty)
+        printer = DeltaPrinter(labels=True)
         try:
-            ids, images = tm.chat_inputs(history, thinking=thinking)
+            prompt = gen.chat(history, thinking=thinking)
         except ValueError as e:  # a bad image: report it and drop the message, keep chatting
             print(f"error: {e}", file=sys.stderr)
             history.pop()
             continue
-        reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas,
-                                    on_deltas=printer, images=images)
+        res = run_request(gen, prompt, params, options, a.show_canvas, on_deltas=printer)
+        stats = res.stats
         sys.stdout.write("\n")
-        print(f"[{reason}: {stats.completion_tokens} tokens, {stats.tokens_per_forward:.1f} tokens/forward, "
+        print(f"[{res.finish_reason}: {stats.completion_tokens} tokens, {stats.tokens_per_forward:.1f} tokens/forward, "
               f"{stats.total_s:.1f} s]", file=sys.stderr)
-        history.append({"role": "assistant", "content": stream.content,
+        history.append({"role": "assistant", "content": res.content,
                         **({"tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                           for c in stream.calls]} if stream.calls else {})})
+                                           for c in res.tool_calls]} if res.tool_calls else {})})
     return 0
-
-
-class _Printer:
-    """Prints one answer as it arrives: reasoning dimmed under [thinking], then the [answer]."""
-
-    def __init__(self, tty: bool):
-        self.tty, self.phase = tty, None
-
-    def __call__(self, deltas) -> None:
-        for d in deltas:
-            if d.kind == "reasoning":
-                if self.phase is None:
-                    sys.stdout.write("[thinking] ")
-                    self.phase = "thinking"
-                sys.stdout.write(f"\x1b[2m{d.text}\x1b[0m" if self.tty else d.text)
-            elif d.kind == "content":
-                if self.phase == "thinking":
-                    sys.stdout.write("\n[answer] ")
-                self.phase = "answer"
-                sys.stdout.write(d.text)
-            elif d.kind == "tool_call":
-                sys.stdout.write(f"\n[tool call] {d.call.name}({d.call.arguments_json()})")
-        sys.stdout.flush()
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
-"""Pieces the `generate` and `chat` commands share: sampler flags, model loading, one-line errors,
-the terminal canvas view, and running one request while showing progress."""
+"""Pieces the commands share: model and sampler flags (the sampler's mapped onto `engine.SETTINGS`, whose
+errors they report as they are), loading, one-line errors, the terminal canvas view, and showing one
+request's outputs as they come."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..engine import CommitEvent, DraftEvent, Engine, SamplingParams
+from ..engine import SETTINGS, DraftEvent, RequestError, SamplingParams
+from ..generation import Generator, OutputOptions, Result
+
+# command-line flag -> SamplingParams field (help lines and checks come from engine.SETTINGS)
+SAMPLER_FLAGS = {"--max-tokens": "max_tokens", "--steps": "max_denoising_steps", "--temperature": "temperature",
+                 "--t-max": "t_max", "--t-min": "t_min", "--entropy-bound": "entropy_bound",
+                 "--stability": "stability_threshold", "--confidence": "confidence_threshold",
+                 "--schedule-steps": "schedule_steps", "--seed": "seed"}
 
 
 class CLIError(Exception):
@@ -34,71 +42,60 @@ def positive_int(s: str) -> int:
     return v
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def add_model_args(ap: argparse.ArgumentParser) -> None:
+def add_model_args(ap: argparse.ArgumentParser, runner: bool = True) -> None:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the model shipped in the repo)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                     help="weight dtype (default float32; auto = the checkpoint's)")
-    ap.add_argument("--compile", action="store_true",
-                    help="compile the denoising step and commit with torch.compile: the first request pays "
-                         "a compile of ~30-90 s, later steps run ~2x faster on a CPU")
+    if runner:
+        ap.add_argument("--compile", action="store_true",
+                        help="compile the denoising step and commit with torch.compile: the first request pays "
+                             "a compile of ~30-90 s, later steps run ~2x faster on a CPU")
+
+
+def _setting(name: str):
+    def parse(text: str):
+        try:
+            return SETTINGS[name].parse(text)
+        except RequestError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
 def add_sampler_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("sampler (defaults: the checkpoint's generation_config.json)")
-    g.add_argument("--max-tokens", type=positive_int, help="exact cap on generated tokens")
-    g.add_argument("--steps", type=positive_int, help="denoising step cap per canvas")
-    g.add_argument("--t-max", type=positive_float, help="temperature at the first step")
-    g.add_argument("--t-min", type=float, help="temperature the schedule approaches")
-    g.add_argument("--entropy-bound", type=positive_float, help="entropy bound of the acceptance rule")
-    g.add_argument("--stability", type=nonneg_int, help="steps the argmax must be unchanged to stop")
-    g.add_argument("--confidence", type=positive_float, help="mean-entropy threshold to stop")
-    g.add_argument("--schedule-steps", type=positive_int, help="temperature schedule length, independent of --steps")
-    g.add_argument("--seed", type=int, help="random seed (default: random)")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--think", action="store_true", help="thinking mode on")
-    g.add_argument("--thinking-budget", type=nonneg_int, help="cap on reasoning tokens")
-    g.add_argument("--show-canvas", action="store_true", help="live view of the canvas as it denoises")
+    for flag, name in SAMPLER_FLAGS.items():
+        g.add_argument(flag, dest=name, type=_setting(name), help=SETTINGS[name].help)
+    o = ap.add_argument_group("output")
+    o.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    o.add_argument("--think", action="store_true", help="thinking mode on")
+    o.add_argument("--thinking-budget", type=int, help="cap on reasoning tokens")
+    o.add_argument("--show-canvas", action="store_true", help="live view of the canvas as it denoises")
 
 
-def sampling_params(a, draft: bool) -> SamplingParams:
-    return SamplingParams(max_tokens=a.max_tokens, max_denoising_steps=a.steps, t_max=a.t_max, t_min=a.t_min,
-                          entropy_bound=a.entropy_bound, stability_threshold=a.stability,
-                          confidence_threshold=a.confidence, schedule_steps=a.schedule_steps, seed=a.seed,
-                          draft=draft)
+def sampling_params(a) -> SamplingParams:
+    return SamplingParams(**{name: getattr(a, name) for name in SAMPLER_FLAGS.values()})
 
 
-def load_text_model(a):
-    from ..text.bundle import TextModel
+def output_options(a) -> OutputOptions:
+    return OutputOptions(stop=tuple(a.stop), thinking_budget=a.thinking_budget, draft=True)
+
+
+def load_model(a, vision: bool | None = None):
+    import diffusiongemma as dg
 
     path = a.model or default_model_dir()
     if not Path(path).is_dir():
         raise CLIError(f"model directory {path} does not exist")
-    return TextModel.load(path, dtype=a.dtype)
+    return dg.load(path, dtype=a.dtype, vision=vision)
+
+
+def make_generator(a, ck, **engine_kw) -> Generator:
+    return Generator(ck, runner="compiled" if getattr(a, "compile", False) else "eager", **engine_kw)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
-    from ..engine import RequestError
     from ..loader import CheckpointError
     from ..text.chat import ChatError
     from ..text.tokenizer import TokenizerError
@@ -153,6 +150,34 @@ class CanvasView:
         self.lines = 0
 
 
+class DeltaPrinter:
+    """Prints an answer's text deltas on stdout as they arrive: reasoning dimmed on a terminal (with `labels`,
+    under [thinking], then the [answer]), tool calls and malformed calls on lines of their own."""
+
+    def __init__(self, labels: bool = False, out=None):
+        self.out = out or sys.stdout
+        self.tty, self.labels, self.phase = self.out.isatty(), labels, None
+
+    def __call__(self, deltas) -> None:
+        w = self.out.write
+        for d in deltas:
+            if d.kind == "reasoning":
+                if self.labels and self.phase is None:
+                    w("[thinking] ")
+                self.phase = "thinking"
+                w(f"\x1b[2m{d.text}\x1b[0m" if self.tty else d.text)
+            elif d.kind == "content":
+                if self.labels and self.phase == "thinking":
+                    w("\n[answer] ")
+                self.phase = "answer"
+                w(d.text)
+            elif d.kind == "tool_call":
+                w(f"\n[tool call] {d.call.name}({d.call.arguments_json()})\n")
+            else:
+                w(f"\n[invalid tool call: {d.error}]\n")
+        self.out.flush()
+
+
 def add_media_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--image", action="append", default=[], help="an image file for the message (repeatable)")
     ap.add_argument("--video", action="append", default=[], help="a video file or animated image (repeatable)")
@@ -162,36 +187,27 @@ def media_parts(a) -> list[dict]:
     return [{"type": "image", "image": p} for p in a.image] + [{"type": "video", "video": p} for p in a.video]
 
 
-def make_engine(tm, compile: bool = False) -> Engine:
-    return Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), compile=compile)
-
-
-def run_request(engine: Engine, ids: list[int], params: SamplingParams, stream, show_canvas: bool,
-                progress: bool = True, on_deltas=None, images=None):
-    """Run one request to the end; returns (finish_reason, stats)."""
-    view = CanvasView(stream.tok) if show_canvas else None
-    rid = engine.add(ids, params, hook=stream, images=images)
-    t0, tokens, reason, stats = time.perf_counter(), 0, None, None
-    for ev in engine.stream():
-        if ev.request_id != rid:
-            continue
-        if isinstance(ev, DraftEvent):
+def run_request(gen: Generator, prompt, params: SamplingParams, options: OutputOptions, show_canvas: bool,
+                on_deltas=None) -> Result:
+    """Run one request to the end, showing its canvas (or a progress line on a terminal) and handing its text
+    deltas to `on_deltas` as they commit; returns its Result."""
+    view = CanvasView(gen.tokenizer) if show_canvas else None
+    progress = sys.stderr.isatty() and not view
+    t0 = time.perf_counter()
+    for out in gen.stream(prompt, params, options):
+        if isinstance(out, DraftEvent):
             if view:
-                view.show(ev)
-            elif progress and sys.stderr.isatty():
-                sys.stderr.write(f"\r[canvas {ev.canvas} step {ev.step + 1}] {tokens} tokens "
-                                 f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
+                view.show(out)
+            elif progress:
+                sys.stderr.write(f"\r[canvas {out.canvas} step {out.step + 1}] {out.committed_tokens} tokens "
+                                 f"{out.committed_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
                 sys.stderr.flush()
-        elif isinstance(ev, CommitEvent):
-            tokens += len(ev.token_ids)
-            if view:
+            if out.finished_denoising and view:
                 view.committed()
-            deltas = stream.take()
-            if ev.finish_reason is not None:
-                reason, stats = ev.finish_reason, ev.stats
-                deltas += stream.finish()
-            if on_deltas:
-                on_deltas(deltas)
-    if progress and sys.stderr.isatty() and not view:
-        sys.stderr.write("\r\x1b[K")
-    return reason, stats
+        elif isinstance(out, Result):
+            if progress:
+                sys.stderr.write("\r\x1b[K")
+            return out
+        elif on_deltas:
+            on_deltas([out])
+    raise CLIError("generation ended without a result")

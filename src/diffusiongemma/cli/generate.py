@@ -9,12 +9,14 @@ from pathlib import Path
 
 from .common import (
     CLIError,
+    DeltaPrinter,
     add_media_args,
     add_model_args,
     add_sampler_args,
-    load_text_model,
-    make_engine,
+    load_model,
+    make_generator,
     media_parts,
+    output_options,
     run_cli,
     run_request,
     sampling_params,
@@ -31,8 +33,6 @@ def _read_json(path: str, what: str):
 
 
 def _main(argv) -> int:
-    from ..text.stream import TextStream
-
     ap = argparse.ArgumentParser(prog="diffusiongemma generate", description=__doc__)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("prompt", nargs="?", help="the user's message (read from stdin if absent)")
@@ -60,43 +60,25 @@ def _main(argv) -> int:
     if a.system and not a.raw:
         messages = [{"role": "system", "content": a.system}] + messages
 
-    tm = load_text_model(a)
+    params, options = sampling_params(a), output_options(a)  # bad settings fail before the model loads
+    gen = make_generator(a, load_model(a))
     if a.raw:
         if a.image or a.video:
             raise CLIError("--raw takes no images")
-        ids, images = tm.text_ids(messages[-1]["content"]), []
+        prompt = gen.text(messages[-1]["content"])
     else:
-        ids, images = tm.chat_inputs(messages, tools, a.think)
-    engine = make_engine(tm, a.compile)
-    stream = TextStream(tm.tokenizer, a.stop, a.thinking_budget)
-    live = not a.json
-
-    def show(deltas):
-        if not live:
-            return
-        for d in deltas:
-            if d.kind == "reasoning":
-                sys.stdout.write(f"\x1b[2m{d.text}\x1b[0m" if sys.stdout.isatty() else d.text)
-            elif d.kind == "content":
-                sys.stdout.write(d.text)
-            elif d.kind == "tool_call":
-                sys.stdout.write(f"\n[tool call] {d.call.name}({d.call.arguments_json()})\n")
-            else:
-                sys.stdout.write(f"\n[invalid tool call: {d.error}]\n")
-        sys.stdout.flush()
-
-    reason, stats = run_request(engine, ids, sampling_params(a, draft=True), stream, a.show_canvas, on_deltas=show,
-                                images=images)
+        prompt = gen.chat(messages, tools, a.think)
+    res = run_request(gen, prompt, params, options, a.show_canvas, on_deltas=None if a.json else DeltaPrinter())
+    stats = res.stats
     if a.json:
-        out = {"text": stream.content, "reasoning": stream.reasoning,
-               "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in stream.calls],
-               "tool_call_errors": [e.error for e in stream.errors], "finish_reason": reason,
-               "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+        out = {"text": res.content, "reasoning": res.reasoning,
+               "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in res.tool_calls],
+               "tool_call_errors": res.tool_call_errors, "finish_reason": res.finish_reason, "usage": res.usage,
                "stats": stats.as_dict()}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        print(f"[{reason}] {stats.completion_tokens} tokens, {stats.decoder_forwards} decoder forwards, "
+        print(f"[{res.finish_reason}] {stats.completion_tokens} tokens, {stats.decoder_forwards} decoder forwards, "
               f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.total_s:.2f} s", file=sys.stderr)
     return 0
 

@@ -8,7 +8,7 @@ import torch
 
 
 def main(argv=None) -> int:
-    from ..bench.checkpoints import SIZES, write_random_checkpoint
+    from ..loader.random_weights import SIZES, write_random_checkpoint
 
     ap = argparse.ArgumentParser(prog="diffusiongemma random-checkpoint", description=__doc__)
     ap.add_argument("path", help="directory to write")

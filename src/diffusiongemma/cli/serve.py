@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import logging
 
-from .common import CLIError, add_model_args, load_text_model, positive_int, run_cli
+from .common import CLIError, add_model_args, load_model, positive_int, run_cli
 
 
 def _is_loopback(host: str) -> bool:
@@ -39,11 +39,11 @@ def _main(argv) -> int:
     if not _is_loopback(a.host) and not a.api_key:
         logging.getLogger("diffusiongemma.server").warning(
             "serving on %s without --api-key: anyone who can reach this address can use the model", a.host)
-    tm = load_text_model(a)
+    ck = load_model(a)
     settings = ServerSettings(max_concurrent=a.max_concurrent, max_batch=a.max_batch,
                               max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, api_key=a.api_key,
                               allow_local_images=a.allow_local_images, compile=a.compile)
-    app = create_app(tm, settings, a.served_model_name)
+    app = create_app(ck, settings, a.served_model_name)
     print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (OpenAI API under /v1)")
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level="info")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,3 @@ class GenerationConfig:
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         return d
-
-    def with_overrides(self, **kw) -> GenerationConfig:
-        return replace(self, **kw)
-

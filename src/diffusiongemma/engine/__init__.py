@@ -1,19 +1,13 @@
-"""Generation: the engine (continuous batching, events) and the slow reference generator."""
+"""The engine: requests batched step by step under the released sampler (continuous batching, events,
+statistics), its step runners, and the slow reference generator. It speaks token ids only."""
 
-from .engine import Completion, Engine
+from .engine import Engine
+from .params import SETTINGS, RequestError, ResolvedParams, SamplingParams
 from .reference import reference_generate
-from .request import (
-    CommitAction,
-    CommitEvent,
-    DraftEvent,
-    Event,
-    RequestError,
-    RequestStats,
-    ResolvedParams,
-    SamplingParams,
-)
+from .request import CommitAction, CommitEvent, CommitHook, Completion, DraftEvent, Event, RequestStats
+from .runners import RUNNERS
 
 __all__ = [
-    "CommitAction", "CommitEvent", "Completion", "DraftEvent", "Engine", "Event", "RequestError", "RequestStats",
-    "ResolvedParams", "SamplingParams", "reference_generate",
+    "RUNNERS", "SETTINGS", "CommitAction", "CommitEvent", "CommitHook", "Completion", "DraftEvent", "Engine", "Event",
+    "RequestError", "RequestStats", "ResolvedParams", "SamplingParams", "reference_generate",
 ]

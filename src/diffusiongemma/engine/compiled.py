@@ -9,7 +9,7 @@ caches go in as plain tensors (`KVView`) with dynamic sizes, cache lengths are n
 other (no duck sizing), and a cache always has a spare row past its tokens, so one graph serves every
 cache length (no recompile in a run past the sliding window: `TORCH_LOGS=recompiles`).
 
-Opt-in (`Engine(compile=True)`, `--compile` on the command line): the first step and the first commit
+Opt-in (`Engine(runner="compiled")`, `--compile` on the command line): the first step and the first commit
 compile (30-45 s on two cores, in every process: inductor's on-disk cache does not serve frozen graphs),
 and the numerics are not the reference's op-by-op ones: inductor keeps fused intermediates in fp32
 instead of rounding each op's output to bf16, so a bf16 step's entropies move by ~1e-2 and a close call

@@ -16,10 +16,11 @@ from ..sampling.sampler import (
     entropy_from_logits,
     finalize_canvas,
     inverse_cdf_sample,
+    renoise,
     stable_and_confident,
     temperature,
 )
-from .request import ResolvedParams
+from .params import ResolvedParams
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def reference_generate(model: DiffusionGemmaText, prompt: list[int], p: Resolved
             entropy = entropy_from_logits(z)
             sample = inverse_cdf_sample(torch.softmax(z, -1), draws.uniforms(c, s, L))
             accepted = entropy_bound_accept(entropy, p.entropy_bound)
-            x = torch.where(accepted, sample, draws.tokens(c, s, RENOISE, L, V))
+            x = renoise(sample, accepted, draws.tokens(c, s, RENOISE, L, V))
             done = stable_and_confident(argmax, history, p.stability_threshold, float(entropy.mean()),
                                         p.confidence_threshold)
             history.append(argmax)

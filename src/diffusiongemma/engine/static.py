@@ -1,6 +1,6 @@
 """A denoising step with static shapes, so that a GPU can capture it once as a CUDA graph and replay it.
 
-The dynamic path (`Engine._denoise_group`) concatenates each request's cache with its canvas keys, so
+The eager runner (`engine.runners.EagerRunner`) concatenates each request's cache with its canvas keys, so
 shapes change at every commit and every step launches a few hundred kernels from Python; for a small
 batch on a GPU that launch overhead, not memory bandwidth, sets the speed. `StaticStep` instead keeps,
 for `slots` requests, every layer's committed keys/values in fixed buffers

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..cache import KVCache, continuing_positions
 from ..config import TextConfig
+from ..sampling.head import lm_head
 from .attention import Attention, DecoderPass, EncoderPass
 from .layers import Experts, GeGLU, RMSNorm, RotaryEmbedding, Router
 
@@ -167,9 +168,7 @@ class DiffusionGemmaText(nn.Module):
     # -- the vocabulary head (slow, full-logits reference path) ----------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head in the weight dtype, then fp32 softcap: cap * tanh(logits / cap)."""
-        cap = self.config.final_logit_softcapping
-        logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
-        return torch.tanh(logits / cap) * cap
+        return lm_head(hidden, self.embed_tokens.weight, self.config.final_logit_softcapping)
 
     def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) in fp32, cast to the weight dtype, times the embedding matrix and scale."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .head import lm_head, softcap
 from .sampler import entropy_from_logits, inverse_cdf_sample
 
 
@@ -32,11 +33,10 @@ class VocabResult:
     soft: torch.Tensor | None  # [M, D] in the weight dtype, already times embed_scale
 
 
-def vocab_pass_reference(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps: torch.Tensor,
+def vocab_pass_reference(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: torch.Tensor,
                          uniforms: torch.Tensor, want_soft: bool, embed_scale: torch.Tensor) -> VocabResult:
     """Full-logits path: what the reference computes, step by step."""
-    logits = torch.tanh(F.linear(hidden, weight).float() / softcap) * softcap
-    z = logits / temps[:, None]
+    z = lm_head(hidden, weight, cap) / temps[:, None]
     probs = torch.softmax(z, dim=-1, dtype=torch.float32)
     soft = None
     if want_soft:  # the reference casts the processed logits to the embedding dtype first
@@ -45,7 +45,7 @@ def vocab_pass_reference(hidden: torch.Tensor, weight: torch.Tensor, softcap: fl
     return VocabResult(z.argmax(-1), entropy_from_logits(z), inverse_cdf_sample(probs, uniforms), soft)
 
 
-def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps: torch.Tensor,
+def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: torch.Tensor,
                uniforms: torch.Tensor, want_soft: bool, embed_scale: torch.Tensor,
                chunk: int = 8192, block: int = 256) -> VocabResult:
     """Chunked online pass over the vocabulary; same results as `vocab_pass_reference`."""
@@ -66,7 +66,7 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
 
     for start in range(0, v, chunk):
         w = weight[start:start + chunk]
-        z = _scaled_logits(hidden, w, softcap, t)  # [m, c] fp32
+        z = lm_head(hidden, w, cap) / t  # [m, c] fp32
         cmax, cidx = z.max(dim=-1)
         better = cmax > best
         best = torch.where(better, cmax, best)
@@ -104,13 +104,9 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, softcap: float, temps
         rs = slice(r0, r0 + 16)
         ids = (bidx[rs] * block)[:, None] + torch.arange(block, device=dev)
         rows = weight[ids.clamp_max(v - 1)]  # [16, block, d]
-        zb = torch.tanh(torch.bmm(rows, hidden[rs, :, None]).squeeze(-1).float() / softcap) * softcap / t[rs]
+        zb = softcap(torch.bmm(rows, hidden[rs, :, None]).squeeze(-1), cap) / t[rs]
         pb = torch.exp(zb - run_max[rs, None]).double().masked_fill(ids >= v, 0.0)
         inside = torch.searchsorted(before[rs, None] + torch.cumsum(pb, 1), target[rs, None], right=True).squeeze(1)
         sample[rs] = (bidx[rs] * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
     return VocabResult(best_idx, entropy, sample, soft)
 
-
-def _scaled_logits(hidden, w, softcap, t):
-    # logits in the weight dtype (the reference's LM head output), softcap in fp32, then / T
-    return torch.tanh(F.linear(hidden, w).float() / softcap) * softcap / t

@@ -18,11 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from ..engine import CommitEvent, DraftEvent, Engine, RequestError
-from ..text import tokenizer as T
-from ..text.bundle import MediaPolicy, TextModel
-from ..text.chat import ChatError, normalize_messages, validate_tools
-from ..text.stream import TextStream
+from ..engine import DraftEvent, RequestError
+from ..generation import Generator, Result
+from ..text.chat import ChatError
+from ..text.media import MediaPolicy
+from ..text.parser import Delta
 from ..vision.preprocess import ImageError
 from .protocol import APIError, new_id, now, parse_request, usage
 from .runner import EngineFailure, EngineRunner
@@ -39,7 +39,7 @@ class ServerSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     api_key: str | None = None
     allow_local_images: bool = False  # image parts may name local files (never network URLs)
-    compile: bool = False  # compiled engine step (Engine(compile=True)), warmed up before serving
+    compile: bool = False  # the compiled step runner (Engine(runner="compiled")), warmed up before serving
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -65,14 +65,16 @@ class _Guard(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name: str | None = None) -> FastAPI:
+def create_app(checkpoint, settings: ServerSettings | None = None, model_name: str | None = None) -> FastAPI:
+    """The app serving a `load()`ed checkpoint (with its tokenizer)."""
     settings = settings or ServerSettings()
-    name = model_name or tm.name
-    engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), max_batch=settings.max_batch,
-                                    max_context=tm.checkpoint.config.text.max_position_embeddings,
-                                    compile=settings.compile)
+    name = model_name or checkpoint.name
+    gen = Generator(checkpoint, max_batch=settings.max_batch,
+                    max_context=checkpoint.config.text.max_position_embeddings,
+                    runner="compiled" if settings.compile else "eager")
+    engine, tokenizer = gen.engine, gen.tokenizer
     media_policy = MediaPolicy(allow_local_paths=settings.allow_local_images)
-    runner = EngineRunner(engine, settings.max_concurrent)
+    runner = EngineRunner(gen, settings.max_concurrent)
     app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, settings=settings)
     app.state.runner, app.state.settings, app.state.model_name = runner, settings, name
@@ -131,95 +133,87 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"invalid JSON body: {e}") from None
 
-    def _submit(ids, parsed, stream: TextStream, images=None):
-        if len(ids) > settings.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of "
+    def _submit(prompt, parsed):
+        if len(prompt.ids) > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt.ids)} tokens, more than this server's limit of "
                                 f"{settings.max_prompt_tokens}", param="messages", code="context_length_exceeded")
         if runner.in_flight >= settings.max_concurrent:
             raise APIError(429, f"too many requests in flight ({settings.max_concurrent}); retry later",
                            code="rate_limit_exceeded", type_="rate_limit_error")
         try:
-            return runner.submit(ids, parsed.params, stream, images)
+            return runner.submit(prompt, parsed.params, parsed.options)
         except RequestError as e:
-            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+            raise APIError(400, str(e), param=e.param,
+                           code="context_length_exceeded" if "context" in str(e) else None) from None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _body(request)
-        parsed = parse_request(body, "chat", tm.checkpoint.generation_config, name, settings.max_tokens)
+        parsed = parse_request(body, "chat", checkpoint.generation_config, name, settings.max_tokens)
         try:
-            normalize_messages(body.get("messages"))  # validates before any image is decoded
-            tools = validate_tools(parsed.tools) if parsed.tool_choice != "none" else None
-            ids, images = tm.chat_inputs(body["messages"], tools, parsed.thinking, media_policy)
+            prompt = gen.chat(body.get("messages"), parsed.tools, parsed.thinking, media_policy, parsed.tool_choice)
         except ChatError as e:
-            raise APIError(400, str(e), param="tools" if "tools" in str(e) else "messages") from None
+            msg = str(e)
+            param = "tool_choice" if msg.startswith("tool_choice") else "tools" if "tools" in msg else "messages"
+            raise APIError(400, msg, param=param) from None
         except ImageError as e:
             raise APIError(400, f"invalid image: {e}", param="messages", code="invalid_image") from None
-        forced = ""
-        if parsed.tool_choice == "required":
-            forced = T.CALL_OPEN + "call:"
-        elif isinstance(parsed.tool_choice, dict):
-            forced = T.CALL_OPEN + "call:" + parsed.tool_choice["function"]["name"]
-        stream = TextStream(tm.tokenizer, parsed.stop, parsed.thinking_budget)
-        stream.prime(forced)
-        rid, queue = _submit(ids + tm.tokenizer.encode(forced), parsed, stream, images)
-        return await _respond(request, rid, queue, stream, parsed, "chat")
+        rid, queue = _submit(prompt, parsed)
+        return await _respond(request, rid, queue, parsed, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request)
-        parsed = parse_request(body, "completion", tm.checkpoint.generation_config, name, settings.max_tokens)
+        parsed = parse_request(body, "completion", checkpoint.generation_config, name, settings.max_tokens)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string (one prompt per request)", param="prompt")
-        stream = TextStream(tm.tokenizer, parsed.stop)
-        rid, queue = _submit(tm.text_ids(prompt), parsed, stream)
-        return await _respond(request, rid, queue, stream, parsed, "completion")
+        rid, queue = _submit(gen.text(prompt), parsed)
+        return await _respond(request, rid, queue, parsed, "completion")
 
-    async def _respond(request, rid, queue, stream, parsed, kind):
+    async def _respond(request, rid, queue, parsed, kind):
         cid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = now()
         if parsed.stream:
-            return StreamingResponse(_sse(request, rid, queue, stream, parsed, kind, cid, created),
+            return StreamingResponse(_sse(request, rid, queue, parsed, kind, cid, created),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
-            reason, stats = await _drain(queue)
+            result = await _drain(queue)
         except BaseException:
             runner.cancel(rid)
             raise
-        stream.finish()
-        return _final(stream, reason, stats, kind, cid, created)
+        return _final(result, kind, cid, created)
 
-    async def _drain(queue):
+    async def _drain(queue) -> Result:
         while True:
-            ev = await queue.get()
-            if isinstance(ev, Exception):
-                raise APIError(500, str(ev), type_="server_error")
-            if isinstance(ev, CommitEvent) and ev.finish_reason is not None:
-                return ev.finish_reason, ev.stats
+            out = await queue.get()
+            if isinstance(out, Exception):
+                raise APIError(500, str(out), type_="server_error")
+            if isinstance(out, Result):
+                return out
 
-    def _finish_reason(stream, reason):
-        return "tool_calls" if stream.calls and reason == "stop" else reason
+    def _finish_reason(result: Result, kind: str) -> str:
+        return result.chat_finish_reason if kind == "chat" else result.finish_reason
 
-    def _final(stream, reason, stats, kind, cid, created):
+    def _final(result: Result, kind, cid, created):
         if kind == "completion":
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "text": stream.content, "finish_reason": reason, "logprobs": None}],
-                    "usage": usage(stats)}
-        msg = {"role": "assistant", "content": stream.content or (None if stream.calls else "")}
-        if stream.reasoning:
-            msg["reasoning_content"] = stream.reasoning
-        if stream.calls:
-            msg["tool_calls"] = [_call_json(c, i) for i, c in enumerate(stream.calls)]
-        choice = {"index": 0, "message": msg, "finish_reason": _finish_reason(stream, reason), "logprobs": None}
-        if stream.errors:
-            choice["tool_call_errors"] = [e.error for e in stream.errors]
+                    "choices": [{"index": 0, "text": result.content, "finish_reason": result.finish_reason,
+                                 "logprobs": None}], "usage": usage(result.stats)}
+        msg = {"role": "assistant", "content": result.content or (None if result.tool_calls else "")}
+        if result.reasoning:
+            msg["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            msg["tool_calls"] = [_call_json(c, i) for i, c in enumerate(result.tool_calls)]
+        choice = {"index": 0, "message": msg, "finish_reason": result.chat_finish_reason, "logprobs": None}
+        if result.tool_call_errors:
+            choice["tool_call_errors"] = result.tool_call_errors
         return {"id": cid, "object": "chat.completion", "created": created, "model": name, "choices": [choice],
-                "usage": usage(stats)}
+                "usage": usage(result.stats)}
 
-    async def _sse(request, rid, queue, stream, parsed, kind, cid, created):
+    async def _sse(request, rid, queue, parsed, kind, cid, created):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         n_calls = 0
 
@@ -233,18 +227,16 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
             return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": name,
                                           "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
 
-        def deltas_to_chunks(deltas):
+        def delta_chunk(d: Delta):
             nonlocal n_calls
-            out = []
-            for d in deltas:
-                if d.kind == "content":
-                    out.append(chunk({"content": d.text}))
-                elif d.kind == "reasoning" and kind == "chat":
-                    out.append(chunk({"reasoning_content": d.text}))
-                elif d.kind == "tool_call" and kind == "chat":
-                    out.append(chunk({"tool_calls": [_call_json(d.call, n_calls, delta=True)]}))
-                    n_calls += 1
-            return out
+            if d.kind == "content":
+                return chunk({"content": d.text})
+            if d.kind == "reasoning" and kind == "chat":
+                return chunk({"reasoning_content": d.text})
+            if d.kind == "tool_call" and kind == "chat":
+                n_calls += 1
+                return chunk({"tool_calls": [_call_json(d.call, n_calls - 1, delta=True)]})
+            return None
 
         finished = False
         try:
@@ -252,31 +244,28 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
                 yield chunk({"role": "assistant", "content": ""})
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
-                if isinstance(ev, Exception):
+                if isinstance(out, Exception):
                     finished = True
-                    yield "data: " + json.dumps(APIError(500, str(ev), type_="server_error").body()) + "\n\n"
+                    yield "data: " + json.dumps(APIError(500, str(out), type_="server_error").body()) + "\n\n"
                     return
-                if isinstance(ev, DraftEvent):
-                    yield chunk(draft=_draft(ev))
-                    continue
-                out = deltas_to_chunks(stream.take())
-                if ev.finish_reason is not None:
-                    finished = True
-                    out += deltas_to_chunks(stream.finish())
-                    for c in out:
+                if isinstance(out, DraftEvent):
+                    yield chunk(draft=_draft(out))
+                elif isinstance(out, Delta):
+                    c = delta_chunk(out)
+                    if c is not None:
                         yield c
-                    yield chunk({}, finish=_finish_reason(stream, ev.finish_reason))
+                elif isinstance(out, Result):
+                    finished = True
+                    yield chunk({}, finish=_finish_reason(out, kind))
                     if parsed.include_usage:
-                        yield chunk(usage=usage(ev.stats))
+                        yield chunk(usage=usage(out.stats))
                     yield "data: [DONE]\n\n"
                     return
-                for c in out:
-                    yield c
         finally:
             if not finished:  # the client went away: stop generating and free the cache
                 runner.cancel(rid)
@@ -284,7 +273,7 @@ def create_app(tm: TextModel, settings: ServerSettings | None = None, model_name
     def _draft(ev: DraftEvent) -> dict:
         ids = ev.argmax.tolist()
         return {"request": ev.request_id, "canvas": ev.canvas, "step": ev.step, "temperature": round(ev.temperature, 4),
-                "tokens": [tm.tokenizer.decode([i]) for i in ids], "ids": ids,
+                "tokens": [tokenizer.decode([i]) for i in ids], "ids": ids,
                 "accepted": ev.accepted.tolist(), "entropy": [round(h, 3) for h in ev.entropy.tolist()],
                 "finished": ev.finished_denoising, "committed_tokens": ev.committed_tokens}
 

@@ -8,21 +8,22 @@ Extensions (documented in the README), passed by the OpenAI client through `extr
   schedule_steps: the sampler settings of this request;
   enable_thinking (or chat_template_kwargs.enable_thinking), thinking_budget;
   stream_options.include_draft: add draft frames (the denoising canvas) to the stream.
-OpenAI `temperature` scales the whole temperature schedule: t_max = temperature * (checkpoint t_max),
-t_min = temperature * (checkpoint t_min); temperature 0 is taken as 0.01 (practically greedy).
-Explicit t_max / t_min win over temperature.
+Sampler fields (OpenAI `temperature`, `max_tokens`, `seed` and the extensions) are `engine.SamplingParams`
+fields and output fields (`stop`, `thinking_budget`, draft frames) `generation.OutputOptions` fields: their
+types, ranges and defaults are checked there, and their errors reported as they are, naming the field.
+`temperature` scales the whole schedule (see `engine.params`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import GenerationConfig
-from ..engine import SamplingParams
+from ..engine import RequestError, SamplingParams
+from ..generation import OutputOptions
 
 
 class APIError(Exception):
@@ -35,8 +36,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-SAMPLER_FIELDS = {"max_denoising_steps": int, "t_max": float, "t_min": float, "entropy_bound": float,
-                  "stability_threshold": int, "confidence_threshold": float, "schedule_steps": int}
+SAMPLER_FIELDS = ("max_denoising_steps", "t_max", "t_min", "entropy_bound", "stability_threshold",
+                  "confidence_threshold", "schedule_steps")
 METADATA = ("user", "metadata", "store")
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
@@ -44,28 +45,31 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
 CHAT_FIELDS = COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls", "response_format",
                         "enable_thinking", "chat_template_kwargs", "thinking_budget", "reasoning_effort"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "suffix", "best_of"}
-
-
-def _type_ok(value, kind) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, kind)
+UNSUPPORTED = (("logprobs", lambda v: v in (False, None, 0)), ("top_logprobs", lambda v: v in (None, 0)),
+               ("presence_penalty", lambda v: v in (None, 0)), ("frequency_penalty", lambda v: v in (None, 0)),
+               ("logit_bias", lambda v: not v), ("top_p", lambda v: v in (None, 1)), ("echo", lambda v: not v),
+               ("suffix", lambda v: not v), ("best_of", lambda v: v in (None, 1)),
+               ("parallel_tool_calls", lambda v: v is not False), ("reasoning_effort", lambda v: v is None))
 
 
 @dataclass
 class Parsed:
     params: SamplingParams
-    stop: list[str]
+    options: OutputOptions
     stream: bool
     include_usage: bool
-    include_draft: bool
     thinking: bool = False
-    thinking_budget: int | None = None
     tools: list | None = None
     tool_choice: Any = "auto"
-    body: dict = field(default_factory=dict)
+
+
+def _settings(cls, names: dict | None = None, **fields):
+    """`cls(**fields)` (SamplingParams or OutputOptions), its RequestError as a 400 naming the field (by the
+    request's own name for it, `names`: field -> request field)."""
+    try:
+        return cls(**{k: v for k, v in fields.items() if v is not None})
+    except RequestError as e:
+        raise APIError(400, str(e), param=(names or {}).get(e.param, e.param)) from None
 
 
 def parse_request(body: Any, kind: str, gen: GenerationConfig, model_name: str, max_tokens_limit: int) -> Parsed:
@@ -76,94 +80,60 @@ def parse_request(body: Any, kind: str, gen: GenerationConfig, model_name: str, 
     if unknown:
         raise APIError(400, f"unsupported parameter: {unknown[0]}", param=unknown[0], code="unsupported_parameter")
 
-    def get(name, kind_, default=None, check=None, why=""):
-        if name not in body or body[name] is None:
+    def flag(name, default=False):
+        v = body.get(name)
+        if v is None:
             return default
-        v = body[name]
-        if not _type_ok(v, kind_):
-            raise APIError(400, f"{name} must be {getattr(kind_, '__name__', kind_)}, got {type(v).__name__}",
-                           param=name)
-        if check is not None and not check(v):
-            raise APIError(400, f"{name} {why}", param=name)
+        if not isinstance(v, bool):
+            raise APIError(400, f"{name} must be a boolean, got {type(v).__name__}", param=name)
         return v
 
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", param="model",
                        code="model_not_found")
-    n = get("n", int, 1)
-    if n != 1:
+    if body.get("n") not in (None, 1):
         raise APIError(400, "n > 1 is not supported: send one request per completion", param="n",
                        code="unsupported_parameter")
-    for name, ok in (("logprobs", lambda v: v in (False, None, 0)), ("top_logprobs", lambda v: v in (None, 0)),
-                     ("presence_penalty", lambda v: v in (None, 0)), ("frequency_penalty", lambda v: v in (None, 0)),
-                     ("logit_bias", lambda v: not v), ("top_p", lambda v: v in (None, 1)),
-                     ("echo", lambda v: not v), ("suffix", lambda v: not v), ("best_of", lambda v: v in (None, 1)),
-                     ("parallel_tool_calls", lambda v: v is not False), ("reasoning_effort", lambda v: v is None)):
+    for name, ok in UNSUPPORTED:
         if name in body and not ok(body[name]):
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if "response_format" in body and body["response_format"] not in (None, {"type": "text"}):
         raise APIError(400, "response_format other than text is not supported", param="response_format",
                        code="unsupported_parameter")
 
-    max_tokens = get("max_completion_tokens", int) or get("max_tokens", int)
-    if max_tokens is not None and max_tokens <= 0:
-        raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
-    if max_tokens is not None and max_tokens > max_tokens_limit:
-        raise APIError(400, f"max_tokens ({max_tokens}) exceeds this server's limit of {max_tokens_limit}",
+    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params = _settings(SamplingParams, {"max_tokens": max_name}, max_tokens=body.get(max_name), seed=body.get("seed"),
+                       temperature=body.get("temperature"), **{k: body.get(k) for k in SAMPLER_FIELDS})
+    try:
+        params.resolve(gen, seed=0)  # the schedule with the checkpoint's defaults filled in (t_max > t_min)
+    except RequestError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if params.max_tokens is not None and params.max_tokens > max_tokens_limit:
+        raise APIError(400, f"max_tokens ({params.max_tokens}) exceeds this server's limit of {max_tokens_limit}",
                        param="max_tokens", code="max_tokens_too_large")
-    temperature = get("temperature", float, None, lambda v: 0 <= v <= 2, "must be between 0 and 2")
     stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a non-empty string or a list of up to 8 of them", param="stop")
-    seed = get("seed", int)
-    stream = get("stream", bool, False)
+    if isinstance(stop, list) and len(stop) > 8:
+        raise APIError(400, "stop takes a string or a list of up to 8 of them", param="stop")
+    stream = flag("stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or set(opts) - {"include_usage", "include_draft"}:
         raise APIError(400, "stream_options supports include_usage and include_draft", param="stream_options")
     if opts and not stream:
         raise APIError(400, "stream_options requires stream: true", param="stream_options")
+    options = _settings(OutputOptions, stop=stop, draft=bool(opts.get("include_draft")),
+                        thinking_budget=body.get("thinking_budget") if kind == "chat" else None)
 
-    sampler = {k: get(k, t) for k, t in SAMPLER_FIELDS.items()}
-    if temperature is not None:
-        scale = max(temperature, 0.01)
-        sampler["t_max"] = sampler["t_max"] if sampler["t_max"] is not None else gen.t_max * scale
-        sampler["t_min"] = sampler["t_min"] if sampler["t_min"] is not None else gen.t_min * scale
-    try:
-        params = SamplingParams(max_tokens=max_tokens, seed=seed, draft=bool(opts.get("include_draft")),
-                                **{k: v for k, v in sampler.items() if v is not None})
-    except ValueError as e:
-        name = str(e).split()[0]
-        raise APIError(400, str(e), param=name if name in SAMPLER_FIELDS or name == "max_tokens" else None) from None
-    if params.t_max is not None and params.t_min is None and not params.t_max > gen.t_min:
-        raise APIError(400, f"t_max must be greater than t_min ({gen.t_min})", param="t_max")
-    if params.t_min is not None and params.t_max is None and not gen.t_max > params.t_min:
-        raise APIError(400, f"t_min must be less than t_max ({gen.t_max})", param="t_min")
-
-    parsed = Parsed(params, stop, stream, bool(opts.get("include_usage")), bool(opts.get("include_draft")), body=body)
+    parsed = Parsed(params, options, stream, bool(opts.get("include_usage")))
     if kind == "chat":
         ctk = body.get("chat_template_kwargs") or {}
         if not isinstance(ctk, dict) or set(ctk) - {"enable_thinking"}:
             raise APIError(400, "chat_template_kwargs supports enable_thinking only", param="chat_template_kwargs")
-        parsed.thinking = bool(get("enable_thinking", bool, ctk.get("enable_thinking", False)))
-        parsed.thinking_budget = get("thinking_budget", int, None, lambda v: v >= 0, "must be >= 0")
+        if not isinstance(ctk.get("enable_thinking", False), bool):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
+        parsed.thinking = flag("enable_thinking", ctk.get("enable_thinking", False))
         parsed.tools = body.get("tools")
-        choice = body.get("tool_choice", "auto")
-        if choice not in ("auto", "none", "required") and not (
-                isinstance(choice, dict) and choice.get("type") == "function"
-                and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
-            raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a function", param="tool_choice")
-        if choice not in ("auto", "none") and not parsed.tools:
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        if isinstance(choice, dict) and choice["function"]["name"] not in {
-                t.get("function", {}).get("name") for t in parsed.tools if isinstance(t, dict)}:
-            raise APIError(400, f"tool_choice names an undeclared function {choice['function']['name']!r}",
-                           param="tool_choice")
-        parsed.tool_choice = choice
+        parsed.tool_choice = body.get("tool_choice", "auto")
     return parsed
 
 

@@ -1,9 +1,11 @@
-"""The engine on its own thread, feeding each request's events to the asyncio task that awaits them.
+"""The generator on its own thread, feeding each request's outputs to the asyncio task that awaits them.
 
 The engine steps whenever any request is active (requests join and leave between steps: continuous
-batching); HTTP handlers submit requests and read their events from an asyncio queue. Cancelling a
-request (a client that went away) frees its cache at the next step. An exception inside a step is
-reported to the requests that were running and the thread keeps serving.
+batching); HTTP handlers submit requests and read their outputs (draft frames, text deltas, the final
+`Result`) from an asyncio queue. Text is made on the engine thread (`generation.TextRequest`), so a
+request's text state is only ever touched by one thread. Cancelling a request (a client that went away)
+frees its cache at the next step. An exception inside a step is reported to the requests that were
+running and the thread keeps serving.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
 
-from ..engine import CommitEvent, Engine, SamplingParams
-from ..engine.request import CommitHook
+from ..engine import SamplingParams
+from ..generation import Generator, OutputOptions, Prompt, Result
 
 log = logging.getLogger("diffusiongemma.server")
 
@@ -24,8 +25,9 @@ class EngineFailure(RuntimeError):
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine, max_concurrent: int = 32):
-        self.engine = engine
+    def __init__(self, generator: Generator, max_concurrent: int = 32):
+        self.generator = generator
+        self.engine = generator.engine
         self.max_concurrent = max_concurrent
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Condition()
@@ -47,17 +49,16 @@ class EngineRunner:
     def in_flight(self) -> int:
         return len(self._queues)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, hook: CommitHook | None,
-               images=None) -> tuple[str, asyncio.Queue]:
-        """Queue a request (raises RequestError on bad parameters); returns its id and event queue."""
+    def submit(self, prompt: Prompt, params: SamplingParams, options: OutputOptions) -> tuple[str, asyncio.Queue]:
+        """Queue a request (raises RequestError on bad parameters); returns its id and output queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._next += 1
             rid = f"req-{self._next}"
-        self._queues[rid] = (loop, queue)
+        self._queues[rid] = (loop, queue)  # before the engine thread can produce anything for it
         try:
-            self.engine.add(prompt_ids, params, request_id=rid, hook=hook, images=images)
+            self.generator.submit(prompt, params, options, request_id=rid)
         except Exception:
             self._queues.pop(rid, None)
             raise
@@ -67,7 +68,7 @@ class EngineRunner:
 
     def cancel(self, rid: str) -> None:
         if rid in self._queues:
-            self.engine.cancel(rid)
+            self.generator.cancel(rid)
             with self._wake:
                 self._wake.notify_all()
 
@@ -76,7 +77,7 @@ class EngineRunner:
         if target is None:
             return
         loop, queue = target
-        if isinstance(item, Exception) or (isinstance(item, CommitEvent) and item.finish_reason is not None):
+        if isinstance(item, (Exception, Result)):
             self._queues.pop(rid, None)
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -86,21 +87,20 @@ class EngineRunner:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self.engine.has_work():
+                while not self._stop and not self.generator.has_work():
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     return
             try:
-                events = self.engine.step()
+                outputs = self.generator.step()
             except Exception as e:  # keep serving: fail the running requests, drop them
                 log.exception("engine step failed")
-                for rid in list(self._queues):
-                    self.engine.cancel(rid)
+                for rid in self.generator.fail_all():
                     self._deliver(rid, EngineFailure(f"generation failed: {e}"))
                 try:
                     self.engine.step()  # processes the cancellations (frees caches)
                 except Exception:
                     log.exception("engine cleanup failed")
                 continue
-            for ev in events:
-                self._deliver(ev.request_id, ev)
+            for rid, out in outputs:
+                self._deliver(rid, out)

@@ -1,20 +1,31 @@
 """Text out of committed token ids, one request at a time: detokenise, parse, stop, budget thinking.
 
-`TextStream` is attached to an engine request as its commit hook. For each committed canvas it
-feeds the new tokens one by one through the incremental detokeniser, the output parser and the stop
-matcher; it cuts the canvas exactly where a stop string completes (the request then finishes with
-`stop`), and when a reasoning budget is exceeded it keeps the reasoning up to the budget and forces
-`<channel|>`, so the model continues with the answer in the next canvas. The deltas it produced are
-collected with `take()` when the engine reports the commit.
+`TextStream` is called with each committed canvas's new tokens (the generation layer attaches it to an
+engine request as its commit hook). It feeds them one by one through the incremental detokeniser, the
+output parser and the stop matcher; it cuts the canvas exactly where a stop string completes (the
+request then finishes with `stop`), and when a reasoning budget is exceeded it keeps the reasoning up to
+the budget and forces `<channel|>`, so the model continues with the answer in the next canvas. The
+deltas it produced are collected with `take()` once the commit is reported.
 """
 
 from __future__ import annotations
 
-from ..engine.request import CommitAction
+from dataclasses import dataclass
+
 from . import tokenizer as T
 from .parser import Delta, OutputParser
 from .stops import StopMatcher
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What to do with a committed canvas: keep its first `keep` tokens, then commit `append`, and finish with
+    `finish_reason` (None: go on generating)."""
+
+    keep: int
+    finish_reason: str | None = "stop"
+    append: tuple[int, ...] = ()
 
 
 class TextStream:
@@ -42,15 +53,15 @@ class TextStream:
         if text:
             self._route(self.parser.feed(text))
 
-    # the engine's commit hook
-    def __call__(self, ids) -> CommitAction | None:
+    def __call__(self, ids) -> Cut | None:
+        """Feed a committed canvas's new token ids; None keeps them all and goes on."""
         for n, i in enumerate(ids):
             if self.budget is not None and self.in_thought and i != self.close_id and self.thought_tokens >= self.budget:
                 self._feed_token(self.close_id)
-                return CommitAction(keep=n, finish_reason=None, append=(self.close_id,))
+                return Cut(keep=n, finish_reason=None, append=(self.close_id,))
             self._feed_token(i)
             if self.stopped:
-                return CommitAction(keep=n + 1, finish_reason="stop")
+                return Cut(keep=n + 1, finish_reason="stop")
         return None
 
     def _feed_token(self, i: int) -> None:

@@ -10,8 +10,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..generation import PromptBuilder
 from ..sampling.draws import key_seed
-from ..text.bundle import PromptBuilder
 from ..text.chat import ChatTemplate, normalize_messages, validate_tools
 from ..text.syntax import format_call
 from ..text.tokenizer import CALL_CLOSE, CALL_OPEN, CHANNEL_CLOSE, CHANNEL_OPEN, RESPONSE_OPEN, TURN_CLOSE, Tokenizer

@@ -1,4 +1,4 @@
-"""`diffusiongemma eval`: held-out evaluation of a model on the task families, with the default sampler.
+"""Held-out evaluation of a model on the task families, with the default sampler (`diffusiongemma eval`).
 
 Per family (items from evaluation seeds never used in training): exact-match accuracy of the
 answer, tokens per forward and steps per canvas; for `tools`, the valid-tool-call rate (one call that
@@ -9,43 +9,29 @@ Prints one table and one JSON line.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from ..engine import CommitEvent, Engine, SamplingParams
-from ..text.bundle import TextModel
-from ..text.stream import TextStream
+from ..engine import SamplingParams
+from ..generation import Generator, Result
 from . import tasks
 from .vision_tasks import QUESTION_TYPES, image_example
 
 
-def _generate(engine: Engine, tm: TextModel, turns, params: SamplingParams) -> list[tuple[TextStream, object]]:
-    """Run many single-turn generations through the engine together; returns (stream, stats) per turn."""
-    streams, ids = [], []
-    for turn in turns:
-        s = TextStream(tm.tokenizer)
-        prompt, images = tm.chat_inputs(turn.messages, turn.tools, turn.thinking)
-        ids.append(engine.add(prompt, params, hook=s, images=images))
-        streams.append(s)
-    stats = {}
-    for ev in engine.stream():
-        if isinstance(ev, CommitEvent) and ev.finish_reason is not None:
-            stats[ev.request_id] = ev.stats
-    for s in streams:
-        s.finish()
-    return [(s, stats[i]) for s, i in zip(streams, ids)]
+def _generate(gen: Generator, turns, params: SamplingParams) -> list[Result]:
+    """Many single-turn generations batched together; their results in order."""
+    return gen.run([gen.chat(t.messages, t.tools, t.thinking) for t in turns], params)
 
 
-def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens: int = 256,
+def evaluate(ck, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens: int = 256,
              text_items: int = 64, progress: bool = True) -> dict:
-    engine = Engine.from_checkpoint(tm.checkpoint, extra_soft_ids=tm.engine_soft_ids(), max_batch=16)
+    """ck: a `load()`ed checkpoint with its tokenizer."""
+    gen = Generator(ck, max_batch=16)
     results: dict[str, dict] = {}
-    if tm.sees and not any(f.startswith("image_") for f in families):
+    if ck.vision is not None and not any(f.startswith("image_") for f in families):
         families = list(families) + [f"image_{q}" for q in QUESTION_TYPES]
     for family in families:
         t0 = time.perf_counter()
@@ -55,22 +41,22 @@ def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0,
         else:
             examples = [tasks.make_example(family, s) for s in seeds]
         params = lambda i: SamplingParams(max_tokens=max_tokens, seed=seed * 1_000_003 + i)  # noqa: E731
-        first = _generate(engine, tm, [ex.turns[0] for ex in examples], params(0))
-        tpf = [st.tokens_per_forward for _, st in first]
-        spc = [x for _, st in first for x in st.steps_per_canvas]
+        first = _generate(gen, [ex.turns[0] for ex in examples], params(0))
+        tpf = [r.stats.tokens_per_forward for r in first]
+        spc = [x for r in first for x in r.stats.steps_per_canvas]
         row: dict = {"n": n}
         if family == "tools":
-            valid = [len(s.calls) == 1 and not s.errors and s.calls[0].name == ex.call["name"]
-                     and s.calls[0].arguments == ex.call["arguments"] for (s, _), ex in zip(first, examples)]
-            second = _generate(engine, tm, [ex.turns[1] for ex in examples], params(1))
-            tpf += [st.tokens_per_forward for _, st in second]
-            spc += [x for _, st in second for x in st.steps_per_canvas]
-            correct = [s.content.strip() == ex.answer for (s, _), ex in zip(second, examples)]
+            valid = [len(r.tool_calls) == 1 and not r.tool_call_errors and r.tool_calls[0].name == ex.call["name"]
+                     and r.tool_calls[0].arguments == ex.call["arguments"] for r, ex in zip(first, examples)]
+            second = _generate(gen, [ex.turns[1] for ex in examples], params(1))
+            tpf += [r.stats.tokens_per_forward for r in second]
+            spc += [x for r in second for x in r.stats.steps_per_canvas]
+            correct = [r.content.strip() == ex.answer for r, ex in zip(second, examples)]
             row["valid_tool_calls"] = sum(valid) / n
             row["exact_match"] = sum(correct) / n
             row["exact_match_end_to_end"] = sum(v and c for v, c in zip(valid, correct)) / n
         else:
-            row["exact_match"] = sum(s.content.strip() == ex.answer for (s, _), ex in zip(first, examples)) / n
+            row["exact_match"] = sum(r.content.strip() == ex.answer for r, ex in zip(first, examples)) / n
         row["tokens_per_forward"] = statistics.mean(tpf)
         row["steps_per_canvas_mean"] = statistics.mean(spc)
         row["steps_per_canvas_median"] = statistics.median(spc)
@@ -78,12 +64,12 @@ def evaluate(tm: TextModel, n: int = 50, families=tasks.FAMILIES, seed: int = 0,
         results[family] = row
         if progress:
             print(f"  {family}: {row}", file=sys.stderr)
-    results["text"] = text_loss(tm, text_items, seed)
+    results["text"] = text_loss(ck, text_items, seed)
     return results
 
 
 @torch.no_grad()
-def text_loss(tm: TextModel, items: int, seed: int) -> dict:
+def text_loss(ck, items: int, seed: int) -> dict:
     """Mean diffusion loss and next-token loss of held-out continuations (seeded noise draws)."""
     if items <= 0:
         return {}
@@ -95,16 +81,16 @@ def text_loss(tm: TextModel, items: int, seed: int) -> dict:
         passages = split_corpus()["eval"]
     except CorpusError as e:
         return {"error": str(e)}
-    model = tm.checkpoint.model
-    pairs = [render_turn(tm.template, tm.tokenizer, tasks.make_example("text", i, passages).turns[0])
+    model, tok = ck.model, ck.tokenizer
+    pairs = [render_turn(ck.template, tok, tasks.make_example("text", i, passages).turns[0])
              for i in range(tasks.EVAL_SEEDS.start, tasks.EVAL_SEEDS.start + items)]
     # the next-token loss of the continuation (the response), not of the prompt's opening words
-    cfg = ObjectiveConfig(tm.checkpoint.config.canvas_length, self_cond_prob=0.0, ar_scope="response")
+    cfg = ObjectiveConfig(ck.config.canvas_length, self_cond_prob=0.0, ar_scope="response")
     diff, ar = [], []
     for i in range(0, len(pairs), 16):
         g = torch.Generator().manual_seed(seed + i)
-        batch = make_batch(pairs[i:i + 16], cfg, model.config.vocab_size, tm.tokenizer.require_id("<eos>"),
-                           tm.tokenizer.require_id("<pad>"), g)
+        batch = make_batch(pairs[i:i + 16], cfg, model.config.vocab_size, tok.require_id("<eos>"),
+                           tok.require_id("<pad>"), g)
         _, parts = compute_loss(model, batch, cfg)
         diff.append(parts["diffusion"])
         ar.append(parts["ar"])
@@ -124,26 +110,3 @@ def format_table(res: dict) -> str:
         lines.append(f"held-out text ({t['items']} passages): diffusion loss {t['diffusion_loss']:.3f}, "
                      f"next-token loss {t['ar_loss']:.3f}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from ..cli.common import add_model_args, load_text_model, positive_int, run_cli
-
-    def _main(argv):
-        ap = argparse.ArgumentParser(prog="diffusiongemma eval", description=__doc__.split("\n\n")[0])
-        add_model_args(ap)
-        ap.add_argument("--n", type=positive_int, default=50, help="held-out items per family")
-        ap.add_argument("--families", default=",".join(tasks.FAMILIES), help="comma-separated families")
-        ap.add_argument("--seed", type=int, default=0, help="evaluation seed (items and sampling)")
-        a = ap.parse_args(argv)
-        fams = [f for f in a.families.split(",") if f]
-        bad = set(fams) - set(tasks.FAMILIES) - {f"image_{q}" for q in QUESTION_TYPES}
-        if bad:
-            ap.error(f"unknown families: {sorted(bad)}")
-        tm = load_text_model(a)
-        res = evaluate(tm, a.n, fams, a.seed)
-        print(format_table(res))
-        print(json.dumps({"eval": res, "model": str(tm.checkpoint.path)}))
-        return 0
-
-    return run_cli("diffusiongemma eval", _main, argv)

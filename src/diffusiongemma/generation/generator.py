@@ -1,0 +1,117 @@
+"""The generator: a loaded checkpoint's engine with text on both sides. Prompts in (chat messages, raw text,
+or token ids), outputs out (draft frames, content / reasoning / tool-call deltas, a final `Result`).
+
+Three ways to drive it, all over the same engine and the same per-request `TextRequest`:
+- `run(prompts, ...)`: many requests batched together, their `Result`s in order (evaluation, tests);
+- `stream(prompt, ...)`: one request's outputs as they come (the command line);
+- `submit(...)` then `step()` in a loop: a server's engine thread, each step's outputs by request id.
+
+Everything the CLI, the server, the evaluation and the benchmarks do with text goes through here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+
+from ..engine import Engine, SamplingParams
+from .output import Output, OutputOptions, Result, TextRequest
+from .prompt import Prompt, PromptBuilder
+
+
+class Generator:
+    def __init__(self, checkpoint, engine: Engine | None = None, **engine_kw):
+        """checkpoint: a `load()`ed directory with a tokenizer. engine: an engine built for it (default: one
+        with `engine_kw`, e.g. `max_batch`, `runner`)."""
+        self.checkpoint = checkpoint
+        self.prompts = PromptBuilder.of(checkpoint)
+        self.tokenizer = checkpoint.tokenizer
+        self.engine = engine or Engine.from_checkpoint(checkpoint, **engine_kw)
+        self._requests: dict[str, TextRequest] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def chat(self, messages, tools=None, thinking: bool = False, policy=None, tool_choice="auto") -> Prompt:
+        return self.prompts.chat(messages, tools, thinking, policy, tool_choice)
+
+    def text(self, text: str) -> Prompt:
+        return self.prompts.text(text)
+
+    # -- requests --------------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt | Sequence[int], params: SamplingParams | None = None,
+               options: OutputOptions | None = None, request_id: str | None = None) -> str:
+        """Queue a request (a `Prompt`, or token ids); returns its id. Raises RequestError naming a bad setting."""
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+        options = options or OutputOptions()
+        rid = request_id or f"gen-{next(self._ids)}"
+        tr = TextRequest(rid, self.tokenizer, options, prompt.forced)
+        with self._lock:
+            self._requests[rid] = tr  # registered before the engine can report anything of it
+        try:
+            self.engine.add(prompt.ids, params, request_id=rid, hook=tr.hook, images=prompt.images or None,
+                            draft=options.draft)
+        except Exception:
+            with self._lock:
+                self._requests.pop(rid, None)
+            raise
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step (its cache is freed; it finishes with `cancelled`)."""
+        self.engine.cancel(request_id)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[tuple[str, Output]]:
+        """One engine step; the outputs it produced, by request id. A request's `Result` is its last output."""
+        out = []
+        for ev in self.engine.step():
+            with self._lock:
+                tr = self._requests.get(ev.request_id)
+            if tr is None:  # a request added to the engine directly, not through this generator
+                continue
+            for o in tr.outputs(ev):
+                out.append((ev.request_id, o))
+                if isinstance(o, Result):
+                    with self._lock:
+                        self._requests.pop(ev.request_id, None)
+        return out
+
+    def fail_all(self) -> list[str]:
+        """Cancel and forget every request of this generator (after a failed step); returns their ids."""
+        with self._lock:
+            ids, self._requests = list(self._requests), {}
+        for rid in ids:
+            self.engine.cancel(rid)
+        return ids
+
+    # -- conveniences ----------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt | Sequence[int], params: SamplingParams | None = None,
+               options: OutputOptions | None = None) -> Iterator[Output]:
+        """One request's outputs as they come, ending with its `Result`. For a generator with one consumer:
+        outputs of other requests stepped meanwhile are not kept."""
+        rid = self.submit(prompt, params, options)
+        while self.has_work():
+            for r, o in self.step():
+                if r == rid:
+                    yield o
+                    if isinstance(o, Result):
+                        return
+
+    def run(self, prompts: Sequence[Prompt | Sequence[int]],
+            params: SamplingParams | Sequence[SamplingParams | None] | None = None,
+            options: OutputOptions | Sequence[OutputOptions | None] | None = None) -> list[Result]:
+        """Many requests batched together (each finishing on its own); their results in order."""
+        n = len(prompts)
+        plist = params if isinstance(params, (list, tuple)) else [params] * n
+        olist = options if isinstance(options, (list, tuple)) else [options] * n
+        ids = [self.submit(p, sp, op) for p, sp, op in zip(prompts, plist, olist)]
+        done: dict[str, Result] = {}
+        while len(done) < n and self.has_work():
+            for rid, o in self.step():
+                if isinstance(o, Result):
+                    done[rid] = o
+        return [done[i] for i in ids]

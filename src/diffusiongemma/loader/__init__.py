@@ -1,0 +1,111 @@
+"""Load a checkpoint directory as published: one `load()` returns the whole bundle, each file read once.
+
+A directory holds `config.json`, optionally `generation_config.json`, the weights (`model.safetensors` or
+shards, `loader.weights`), and for a chat model `tokenizer.json` (+ `tokenizer_config.json`),
+`chat_template.jinja` and, with a vision tower, `preprocessor_config.json`. A directory without a
+tokenizer (a random checkpoint, ids only) loads too; then `tokenizer` and `template` are None.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, GenerationConfig, ModelConfig, VisionConfig
+from ..model import DiffusionGemmaText
+from .keys import vision_shapes
+from .weights import (
+    CheckpointError,
+    WeightFiles,
+    build_text_model,
+    check_vision,
+    read_text_model,
+    read_vision,
+    resolve_dtype,
+    save,
+)
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns: the text model, its configs, and what a chat model ships beside its weights."""
+
+    model: DiffusionGemmaText
+    config: ModelConfig
+    generation_config: GenerationConfig
+    path: Path
+    vision_keys: tuple[str, ...] = ()
+    vision: torch.nn.Module | None = None  # the vision tower and projection, when loaded
+    tokenizer: object | None = None  # text.tokenizer.Tokenizer, when the directory has tokenizer.json
+    template: object | None = None  # text.chat.ChatTemplate, with the tokenizer
+    processor: dict = field(default_factory=dict)  # image/video preprocessing settings (with a vision tower)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def soft_token_ids(self) -> tuple[int, ...]:
+        """Token ids whose embeddings vision vectors replace: the image token, and the tokenizer's video token."""
+        from ..text.tokenizer import VIDEO_TOKEN
+
+        video = self.tokenizer.token_id(VIDEO_TOKEN) if self.tokenizer is not None else None
+        return (self.config.image_token_id,) + ((video,) if video is not None else ())
+
+
+def processor_config(path: Path | None, vision: VisionConfig) -> dict:
+    """Image/video preprocessing settings: the vision config's, overridden by preprocessor_config.json."""
+    proc = {"max_soft_tokens": vision.default_output_length, "patch_size": vision.patch_size,
+            "pooling_kernel_size": vision.pooling_kernel_size, "num_frames": 32, "video_soft_tokens": 70}
+    f = path / "preprocessor_config.json" if path else None
+    if f is not None and f.is_file():
+        try:
+            given = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{f} is not valid JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ConfigError(f"{f} must hold a JSON object")
+        proc.update({k: v for k, v in given.items() if k in proc})
+    return proc
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+         vision: bool | None = None, text: bool | None = None) -> Checkpoint:
+    """Load a checkpoint directory. Errors name the file, key and shapes involved.
+
+    vision: load the vision tower (None: when the checkpoint has one; True: an error if it has none).
+    text: load the tokenizer and chat template (None: when the directory has tokenizer.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    config = ModelConfig.from_file(path / "config.json")
+    gen_file = path / "generation_config.json"
+    gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig(
+        eos_token_id=config.eos_token_id or config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
+    dtype = resolve_dtype(dtype, config)
+    files = WeightFiles(path)
+    vision_keys = check_vision(files, config)
+    model = read_text_model(files, config, dtype, device)
+    if vision and not vision_keys:
+        raise CheckpointError(f"{path}: no vision tower in this checkpoint")
+    tower = read_vision(files, vision_keys, config, dtype, device) if vision_keys and vision is not False else None
+    ck = Checkpoint(model, config, gen, path, tuple(vision_keys), tower)
+    if text or (text is None and (path / "tokenizer.json").is_file()):
+        try:
+            from ..text.chat import ChatTemplate
+            from ..text.tokenizer import Tokenizer
+        except ImportError as e:  # the `text` extra (tokenizers, jinja2) is not installed
+            raise CheckpointError(f"{path} has a tokenizer, which needs the text extra: pip install "
+                                  f"'diffusiongemma[text]' ({e})") from None
+        ck.tokenizer = Tokenizer.from_dir(path)
+        ck.template = ChatTemplate.from_dir(path, ck.tokenizer.special_tokens_map())
+    if tower is not None:
+        ck.processor = processor_config(path, config.vision)
+    return ck
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "build_text_model", "load", "processor_config", "save",
+           "vision_shapes"]
