@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,10 @@ from .weights import (
     save,
 )
 
+if TYPE_CHECKING:  # the text extra is optional: imported only when a directory has a tokenizer
+    from ..text.chat import ChatTemplate
+    from ..text.tokenizer import Tokenizer
+
 
 @dataclass
 class Checkpoint:
@@ -39,8 +44,8 @@ class Checkpoint:
     path: Path
     vision_keys: tuple[str, ...] = ()
     vision: torch.nn.Module | None = None  # the vision tower and projection, when loaded
-    tokenizer: object | None = None  # text.tokenizer.Tokenizer, when the directory has tokenizer.json
-    template: object | None = None  # text.chat.ChatTemplate, with the tokenizer
+    tokenizer: Tokenizer | None = None  # when the directory has tokenizer.json
+    template: ChatTemplate | None = None  # with the tokenizer
     processor: dict = field(default_factory=dict)  # image/video preprocessing settings (with a vision tower)
 
     @property
