@@ -22,6 +22,15 @@ def test_generate_json_with_statistics(tiny_text_model_dir):
     assert st["decoder_forwards"] >= 1 and st["steps_per_canvas"] and "tokens_per_forward" in st
 
 
+def test_generate_speculative_json(tiny_text_model_dir):
+    r = run("generate", "Sort: 3 1 2", "--model", str(tiny_text_model_dir), "--max-tokens", "20", "--seed", "1",
+            "--json", "--decoding", "speculative")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout.strip().splitlines()[-1])["stats"]
+    assert st["accepted_per_canvas"] and st["steps_per_canvas"] == [1] * len(st["steps_per_canvas"])
+    assert st["tokens_per_pass"] > 0
+
+
 def test_generate_messages_file_thinking_and_canvas_view(tiny_text_model_dir, tmp_path):
     msgs = tmp_path / "m.json"
     msgs.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]))
@@ -47,6 +56,7 @@ def test_chat_keeps_history(tiny_text_model_dir):
     (["generate", "hi", "--t-max", "abc"], "argument --t-max: t_max must be a positive number, got 'abc'"),
     (["generate", "hi", "--t-max", "0.3", "--t-min", "0.5"], "t_max must be greater than t_min"),
     (["generate", "hi", "--thinking-budget", "-1"], "thinking_budget must be an integer >= 0, got -1"),
+    (["generate", "hi", "--decoding", "fast"], "decoding must be one of diffusion, speculative, autoregressive"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tiny_text_model_dir, args, msg):
     if "--model" not in args:

@@ -49,6 +49,16 @@ def test_chat_completion_with_usage_and_diffusion_stats(client, name):
     assert 0 < diff["tokens_per_forward"] <= r.usage.completion_tokens / diff["decoder_forwards"] + 1e-3
 
 
+@pytest.mark.parametrize("decoding", ["speculative", "autoregressive"])
+def test_decoding_modes(client, name, decoding):
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Sort: 3 1 2"}], max_tokens=20,
+                                       seed=1, extra_body={"decoding": decoding})
+    diff = r.usage.model_extra["diffusion"]
+    assert r.usage.completion_tokens <= 20 and diff["commit_forwards"] >= 1 and diff["tokens_per_pass"] > 0
+    assert (diff["accepted_per_canvas"] is not None) == (decoding == "speculative")
+    assert (diff["decoder_forwards"] == 0) == (decoding == "autoregressive")
+
+
 def test_max_tokens_is_exact(client, name):
     r = client.chat.completions.create(messages=[{"role": "user", "content": "Go on forever"}], model=name,
                                        max_tokens=7, seed=2, extra_body={"max_denoising_steps": 2})
@@ -100,6 +110,8 @@ def test_completions_endpoint(client, name):
     (dict(max_tokens=10_000), 400, "max_tokens"),
     (dict(extra_body={"t_max": 0.1, "t_min": 0.3}), 400, "t_max"),
     (dict(model="no-such-model"), 404, "model"),
+    (dict(extra_body={"decoding": "fast"}), 400, "decoding"),
+    (dict(extra_body={"ar_temperature": -1}), 400, "ar_temperature"),
     (dict(messages=[]), 400, "messages"),
     (dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": ""}}]), 400,
      "tools"),

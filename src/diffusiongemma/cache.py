@@ -7,9 +7,13 @@ Life cycle (block diffusion):
   4. the finished canvas is committed by the encoder, and so on; `free()` releases the memory.
 
 Keys are stored after k-norm and RoPE, values after the weightless v-norm, [kv_heads, T, head_dim]
-per layer. Sliding-window layers keep only the last `sliding_window - 1` tokens, all that a later
+per layer. Sliding-window layers show only the last `sliding_window - 1` tokens, all that a later
 query can see (as the reference's dynamic cache does); full-attention layers keep everything.
 Storage grows by doubling, so a commit copies only the new tokens.
+
+`truncate(n)` takes the last n committed tokens back out (speculative decoding commits a whole canvas
+and keeps only its verified prefix). So that a sliding layer still holds its whole window afterwards, a
+cache made with `spare=S` keeps S tokens more than it shows on those layers; n may not exceed S.
 """
 
 from __future__ import annotations
@@ -20,32 +24,39 @@ from .config import TextConfig
 
 
 class KVCache:
-    def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 spare: int = 0):
+        """spare: how many of the last committed tokens `truncate` may take back."""
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.window = config.sliding_window
+        self.spare = spare
         n = config.num_hidden_layers
         self._sliding = [config.is_sliding(i) for i in range(n)]
         self._shape = [(config.layer_kv_heads(i), config.layer_head_dim(i)) for i in range(n)]
         self._k: list[torch.Tensor | None] = [None] * n
         self._v: list[torch.Tensor | None] = [None] * n
-        self._len = [0] * n  # stored tokens per layer (<= window - 1 on sliding layers)
+        self._len = [0] * n  # stored tokens per layer (<= window - 1 + spare on sliding layers)
         self._positions = torch.empty(0, dtype=torch.long, device=self.device)  # all committed positions
         self.length = 0  # committed tokens
 
     # -- reading -------------------------------------------------------------------------------
+    def _shown(self, i: int) -> int:
+        """The first stored row a query may see (past the spare rows of a sliding layer)."""
+        return max(self._len[i] - (self.window - 1), 0) if self._sliding[i] else 0
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored keys and values of layer i, [kv_heads, T_i, head_dim] each (views, do not modify)."""
+        """Keys and values of layer i a query may see, [kv_heads, T_i, head_dim] each (views, do not modify)."""
         if self._k[i] is None:
             h, d = self._shape[i]
             empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
             return empty, empty
-        n = self._len[i]
-        return self._k[i][:, :n], self._v[i][:, :n]
+        a, n = self._shown(i), self._len[i]
+        return self._k[i][:, a:n], self._v[i][:, a:n]
 
     def positions(self, i: int) -> torch.Tensor:
-        """Absolute positions of the tokens stored for layer i."""
-        return self._positions[self._positions.shape[0] - self._len[i]:]
+        """Absolute positions of the tokens `layer(i)` returns."""
+        return self._positions[self._positions.shape[0] - self._len[i] + self._shown(i):]
 
     @property
     def next_position(self) -> int:
@@ -62,10 +73,10 @@ class KVCache:
         every step (a compiled step (`KVView`) then sees one relation between the two, and compiles once)."""
         t = k.shape[1]
         n = self._len[i]
-        keep = (self.window - 1) if self._sliding[i] else None
+        keep = (self.window - 1 + self.spare) if self._sliding[i] else None
         if keep is not None and n + t > keep:
-            # Sliding layer past its window: keep the last window-1 tokens (old tail + new).
-            old_k, old_v = self.layer(i)
+            # Sliding layer past its window: keep the last window-1 (+ spare) tokens (old tail + new).
+            old_k, old_v = (self._k[i][:, :n], self._v[i][:, :n]) if n else (k[:, :0], v[:, :0])
             k = torch.cat([old_k, k], dim=1)[:, k.shape[1] + n - keep:]
             v = torch.cat([old_v, v], dim=1)[:, v.shape[1] + n - keep:]
             n, t = 0, keep
@@ -89,6 +100,17 @@ class KVCache:
         self._positions = torch.cat([self._positions, positions.to(self.device, torch.long)])
         self.length += positions.shape[0]
 
+    def truncate(self, n: int) -> None:
+        """Take the last n committed tokens back out of every layer (at most `spare`, and at most all)."""
+        if n < 0 or n > self.length or n > self.spare:
+            raise ValueError(f"cannot take back {n} of {self.length} tokens (spare {self.spare})")
+        if n == 0:
+            return
+        for i in range(len(self._len)):
+            self._len[i] -= min(n, self._len[i])
+        self._positions = self._positions[:self._positions.shape[0] - n]
+        self.length -= n
+
     def free(self) -> None:
         n = len(self._k)
         self._k, self._v, self._len = [None] * n, [None] * n, [0] * n
@@ -105,17 +127,18 @@ def continuing_positions(caches, lengths, device) -> torch.Tensor:
 class KVView:
     """Read-only keys/values of one sequence as plain tensors, per layer, with `KVCache`'s reading interface
     (`layer`, `positions`): what a compiled step takes as its inputs instead of the cache object (whose
-    Python bookkeeping a compiler would otherwise guard on). It holds each layer's whole storage buffer and
-    the number of tokens stored in it, so its inputs stay contiguous whatever the buffer's spare room (a
-    view's strides would change with the room and force a recompile)."""
+    Python bookkeeping a compiler would otherwise guard on). It holds each layer's whole storage buffer, the
+    first row a query may see and the number of rows it may see, so its inputs stay contiguous whatever the
+    buffer's spare room (a view's strides would change with the room and force a recompile)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int],
-                 all_positions: torch.Tensor | None = None):
+                 all_positions: torch.Tensor | None = None, starts: list[int] | None = None):
         self.keys, self.values, self.lengths, self.all_positions = keys, values, lengths, all_positions
+        self.starts = starts if starts is not None else [0] * len(keys)
 
     @classmethod
     def of(cls, cache: KVCache) -> KVView:
-        keys, values, lengths = [], [], []
+        keys, values, lengths, starts = [], [], [], []
         for i in range(len(cache._k)):
             if cache._k[i] is None:
                 k, v = cache.layer(i)
@@ -123,12 +146,13 @@ class KVView:
                 k, v = cache._k[i], cache._v[i]
             keys.append(k)
             values.append(v)
-            lengths.append(cache._len[i])
-        return cls(keys, values, lengths, cache._positions)
+            starts.append(cache._shown(i))
+            lengths.append(cache._len[i] - starts[-1])
+        return cls(keys, values, lengths, cache._positions, starts)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.lengths[i]  # narrow (not a slice): no branch on n == size for a compiler to guard on
-        return self.keys[i].narrow(1, 0, n), self.values[i].narrow(1, 0, n)
+        a, n = self.starts[i], self.lengths[i]  # narrow (not a slice): no branch on sizes for a compiler to guard on
+        return self.keys[i].narrow(1, a, n), self.values[i].narrow(1, a, n)
 
     def positions(self, i: int) -> torch.Tensor:
         n = self.lengths[i]

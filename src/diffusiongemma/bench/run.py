@@ -39,6 +39,8 @@ from .memory import rss_bytes
 CACHE = Path(os.environ.get("DIFFUSIONGEMMA_CACHE", Path.home() / ".cache" / "diffusiongemma"))
 METRICS = [  # (key, label, better): "higher" rates, "lower" times
     ("tokens_per_s", "tokens/s", "higher"),
+    ("ms_per_token", "ms per generated token", "lower"),
+    ("tokens_per_pass", "tokens per pass (any forward)", "same"),
     ("tokens_per_forward", "tokens per forward", "same"),
     ("steps_per_canvas", "steps per canvas", "same"),
     ("ms_step", "ms per denoising step (forward + sampler)", "lower"),
@@ -109,11 +111,11 @@ def worker(side: str, a) -> dict:
 
         def generate(ids, seed):
             params = SamplingParams(max_tokens=a.max_tokens, seed=seed, max_denoising_steps=a.steps if fixed else None,
-                                    confidence_threshold=1e-30 if fixed else None)
+                                    confidence_threshold=1e-30 if fixed else None, decoding=a.decoding)
             c = engine.generate([ids], params)[0]
             st = c.stats
             return {"tokens": st.counted_tokens, "forwards": st.decoder_forwards, "steps": st.steps_per_canvas,
-                    "ttft": st.ttft_s, "ids": c.token_ids}
+                    "ttft": st.ttft_s, "ids": c.token_ids, "passes": st.decoder_forwards + st.commit_forwards}
 
         def phase_ms():
             t = engine.timings
@@ -167,7 +169,7 @@ def worker(side: str, a) -> dict:
             if same is not None:
                 same.reset([seed])
             clock["first"].clear()
-            n_step = len(clock["step"])
+            n_step, n_enc = len(clock["step"]), len(clock["encoder"])
             t0 = time.perf_counter()
             kw = dict(max_new_tokens=a.max_tokens)
             if fixed:
@@ -179,7 +181,7 @@ def worker(side: str, a) -> dict:
             forwards = len(clock["step"]) - n_step
             canvases = max(1, -(-len(new) // L))
             return {"tokens": sum(1 for t in new[:cut] if t != 0), "forwards": forwards,
-                    "steps": [forwards / canvases] * canvases,
+                    "passes": forwards + len(clock["encoder"]) - n_enc, "steps": [forwards / canvases] * canvases,
                     "ttft": (clock["first"][0] - t0) if clock["first"] else None, "ids": new[:cut]}
 
         def phase_ms():
@@ -214,10 +216,13 @@ def worker(side: str, a) -> dict:
     wall = time.perf_counter() - t0
     phases = phase_ms()
     tokens, forwards = sum(r["tokens"] for r in runs), sum(r["forwards"] for r in runs)
+    passes = sum(r["passes"] for r in runs)
     ok = [_answer_ok(tok, r["ids"], exp) for r, (_, exp) in zip(runs + cold, prompts * 2)]
     ok = [x for x in ok if x is not None]
-    return {"side": side, "tokens_per_s": tokens / wall, "tokens_per_forward": tokens / max(forwards, 1),
-            "steps_per_canvas": statistics.mean(s for r in runs for s in r["steps"]),
+    steps = [s for r in runs for s in r["steps"]]
+    return {"side": side, "tokens_per_s": tokens / wall, "ms_per_token": 1000 * wall / max(tokens, 1),
+            "tokens_per_forward": tokens / max(forwards, 1), "tokens_per_pass": tokens / max(passes, 1),
+            "steps_per_canvas": statistics.mean(steps) if steps else 0.0,
             "ttft_s": statistics.median(r["ttft"] for r in runs if r["ttft"] is not None),
             "peak_mem_above_weights_MiB": max(peak, rss_bytes() - base) / 2**20, "weights_MiB": weights / 2**20,
             "exact_match": (sum(ok) / len(ok)) if ok else None, "warmup_s": first[0], "tokens": tokens, "forwards": forwards,
@@ -256,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--same-draws", action="store_true",
                     help="the reference draws the engine's keyed random numbers (same seeds): both sides then take "
                          "the same path, so tokens per forward match and tokens/s compares like for like")
+    ap.add_argument("--decoding", choices=["diffusion", "speculative", "autoregressive"], default="diffusion",
+                    help="our side's decoding mode (the reference has only diffusion: its released sampler)")
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
         for side in sides:
             cmd = [sys.executable, "-m", "diffusiongemma.bench.run", "--worker", side, "--model", a.model,
                    "--dtype", a.dtype, "--mode", a.mode, "--steps", str(a.steps), "--prompts", str(a.prompts),
-                   "--max-tokens", str(a.max_tokens)] + (["--compile"] if a.compile else []) + (
+                   "--max-tokens", str(a.max_tokens), "--decoding", a.decoding] + (["--compile"] if a.compile else []) + (
                        ["--same-draws"] if a.same_draws else [])
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -291,10 +298,11 @@ def main(argv=None) -> int:
            "transformers": transformers.__version__, "dtype": a.dtype, "mode": a.mode,
            "steps": a.steps if a.mode == "fixed" else "adaptive (cap 48)", "model": a.model,
            "max_tokens": a.max_tokens, "prompts": a.prompts, "repeats": a.repeats, "compile": a.compile,
-           "same_draws": a.same_draws}
+           "same_draws": a.same_draws, "decoding": a.decoding}
     print(f"checkpoint {a.model} | {a.dtype} | mode {a.mode}"
           f"{f' ({a.steps} steps)' if a.mode == 'fixed' else ''}{' | ours compiled' if a.compile else ''}"
-          f"{' | same draws' if a.same_draws else ''} | "
+          f"{' | same draws' if a.same_draws else ''}"
+          f"{f' | ours {a.decoding}' if a.decoding != 'diffusion' else ''} | "
           f"{a.prompts} prompts x {a.max_tokens} tokens | "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs")
     print(f"{'':42} {'ours':>12} {'reference':>12} {'ratio':>8}")

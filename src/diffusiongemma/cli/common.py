@@ -18,7 +18,8 @@ from ..generation import Generator, OutputOptions, Result
 SAMPLER_FLAGS = {"--max-tokens": "max_tokens", "--steps": "max_denoising_steps", "--temperature": "temperature",
                  "--t-max": "t_max", "--t-min": "t_min", "--entropy-bound": "entropy_bound",
                  "--stability": "stability_threshold", "--confidence": "confidence_threshold",
-                 "--schedule-steps": "schedule_steps", "--seed": "seed"}
+                 "--schedule-steps": "schedule_steps", "--seed": "seed", "--decoding": "decoding",
+                 "--ar-temperature": "ar_temperature"}
 
 
 class CLIError(Exception):

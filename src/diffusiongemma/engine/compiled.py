@@ -72,22 +72,24 @@ class CompiledStep:
         self.failed: str | None = None  # why compilation was given up, if it was
 
     # -- what is compiled (plain tensors and ints in, tensors out) ---------------------------------------
-    def _views(self, cls, lengths, keys, values, stored, all_positions=None):
+    def _views(self, cls, lengths, keys, values, stored, starts, all_positions=None):
         n = self.layers
         return [cls(keys[i * n:(i + 1) * n], values[i * n:(i + 1) * n], stored[i * n:(i + 1) * n],
-                    all_positions[i] if all_positions else None) for i in range(len(lengths))]
+                    all_positions[i] if all_positions else None, starts[i * n:(i + 1) * n])
+                for i in range(len(lengths))]
 
     def _step(self, canvases, soft, positions, lengths: tuple[int, ...], keys: list[torch.Tensor],
-              values: list[torch.Tensor], stored: list[int], temps, uniforms) -> tuple[torch.Tensor, ...]:
+              values: list[torch.Tensor], stored: list[int], starts: list[int], temps,
+              uniforms) -> tuple[torch.Tensor, ...]:
         m = self.model
-        views = self._views(KVView, lengths, keys, values, stored)
+        views = self._views(KVView, lengths, keys, values, stored, starts)
         hidden = m.decode(canvases, views, soft, lengths=list(lengths), positions=positions)
         r = vocab_pass(hidden, m.embed_tokens.weight, m.config.final_logit_softcapping, temps, uniforms, True,
                        m.embed_scale(), chunk=self.vocab_chunk)
         return r.argmax, r.entropy, r.sample, r.soft
 
-    def _commit(self, ids, positions, lengths: tuple[int, ...], keys, values, stored, all_positions):
-        views = self._views(_Recorder, lengths, keys, values, stored, all_positions)
+    def _commit(self, ids, positions, lengths: tuple[int, ...], keys, values, stored, starts, all_positions):
+        views = self._views(_Recorder, lengths, keys, values, stored, starts, all_positions)
         self.model.encode(ids, views, lengths=list(lengths), positions=positions, hidden=False)
         return [k for v in views for k in v.new_keys], [x for v in views for x in v.new_values]
 
@@ -106,7 +108,7 @@ class CompiledStep:
         positions = continuing_positions(caches, lengths, self.model.device)
         views = [KVView.of(c) for c in caches]
         return (positions, tuple(lengths), [k for v in views for k in v.keys], [x for v in views for x in v.values],
-                [t for v in views for t in v.lengths]), views
+                [t for v in views for t in v.lengths], [a for v in views for a in v.starts]), views
 
     def __call__(self, canvases: torch.Tensor, soft: torch.Tensor | None, caches: Sequence[KVCache],
                  lengths: Sequence[int], temps: torch.Tensor, uniforms: torch.Tensor) -> VocabResult:

@@ -30,11 +30,12 @@ import torch
 from ..config import GenerationConfig
 from ..model import DiffusionGemmaText
 from ..sampling.draws import Draws
-from .canvas import advance, commit_tokens, start_canvas, step_temperature
+from .canvas import advance, commit_canvas, cut_at_stop, emit, start_canvas, step_temperature
 from .params import RequestError, SamplingParams
 from .request import CommitEvent, CommitHook, Completion, Event, RequestState, RequestStats
 from .runners import EagerRunner, make_runner
 from .timings import Timings
+from .verify import next_token, verify
 
 
 class Engine:
@@ -129,7 +130,7 @@ class Engine:
         events: list[Event] = []
         self._drop_cancelled(events)
         self._admit()
-        self._encode_pending()
+        self._encode_pending(events)
         self._denoise(events)
         return events
 
@@ -178,18 +179,26 @@ class Engine:
                 self.runner.admit(req)
                 self._active.append(req)
 
-    def _encode_pending(self) -> None:
-        """Encoder passes: new prompts (prefill) and finished canvases (commit)."""
+    def _encode_pending(self, events: list[Event]) -> None:
+        """Encoder passes: new prompts (prefill), finished canvases (commit, or verify when speculative) and
+        autoregressive tokens."""
         for group in self.runner.encode_groups([r for r in self._active if r.to_encode]):
             t0 = time.perf_counter()
-            self.runner.encode(group)
+            hidden = self.runner.encode(group)
             dt = time.perf_counter() - t0
-            for r in group:
+            for i, r in enumerate(group):
                 if r.stats.commit_forwards == 0:
                     r.stats.prefill_s = dt
                 r.stats.commit_forwards += 1
-                r.to_encode = []
-                start_canvas(r, self.canvas_length, self.vocab_size)
+                encoded, r.to_encode = r.to_encode, []
+                if r.mode == "autoregressive":
+                    self._next_token(r, hidden[i][-1], events)
+                elif r.verifying:
+                    self._verify(r, encoded, hidden[i], events)
+                else:
+                    if hidden is not None:
+                        r.last_hidden = hidden[i][-1]
+                    start_canvas(r, self.canvas_length, self.vocab_size)
 
     def _denoise(self, events: list[Event]) -> None:
         ready = [r for r in self._active if r.canvas is not None and not r.to_encode]
@@ -205,17 +214,62 @@ class Engine:
                     draft, done = advance(r, t, out, self.vocab_size)
                     if draft is not None:
                         events.append(draft)
-                    if done:
-                        self._commit(r, out.argmax, events)
+                    if done and r.mode == "speculative":  # the verifier reads it at its commit, next step
+                        r.stats.steps_per_canvas.append(r.step)
+                        r.to_encode, r.verifying = r.canvas.tolist(), True
+                        r.canvas = r.soft = None
+                    elif done:
+                        self._commit(r, events)
 
-    def _commit(self, r: RequestState, argmax: torch.Tensor, events: list[Event]) -> None:
+    def _commit(self, r: RequestState, events: list[Event]) -> None:
         canvas_no = r.canvas_index
-        new, reason = commit_tokens(r, argmax, self.gen.pad_token_id)
+        new, reason = commit_canvas(r, r.canvas, self.gen.pad_token_id)
+        self._emitted(r, new, reason, canvas_no, events)
+        if reason is None:
+            r.to_encode = new  # committed by the encoder at the next step, then the next canvas starts
+
+    def _emitted(self, r: RequestState, new: list[int], reason: str | None, canvas_no: int,
+                 events: list[Event]) -> None:
         if reason is not None:
             self._finish(r, reason, new, events, canvas_no)
         else:
-            r.to_encode = new  # committed by the encoder at the next step, then the next canvas starts
             events.append(CommitEvent(r.id, canvas_no, new, None, r.stats))
+
+    def _next_token(self, r: RequestState, hidden: torch.Tensor, events: list[Event]) -> None:
+        """Autoregressive decoding: the verifier's next token is emitted, and encoded at the next step."""
+        with self.timings("verify"):
+            token = next_token(self.model, r, hidden, (r.canvas_index, 0), self.runner.vocab_chunk)
+        new, reason = cut_at_stop([token], r.params.stop_token_ids)
+        kept, append, reason = emit(r, new, reason, self.gen.pad_token_id)
+        out = new[:kept] + list(append)
+        if reason is None and not out:  # a hook kept nothing and forced nothing: nothing left to continue from
+            reason = "stop"
+        canvas_no, r.canvas_index = r.canvas_index, r.canvas_index + 1
+        self._emitted(r, out, reason, canvas_no, events)
+        if reason is None:
+            r.to_encode = out
+
+    def _verify(self, r: RequestState, canvas: list[int], hidden: torch.Tensor, events: list[Event]) -> None:
+        """Speculative decoding: the drafted canvas was just committed; keep the prefix the verifier agrees
+        with, emit it with the verifier's next token, take the rest back out of the cache, and start the next
+        canvas with that token pinned."""
+        P = len(r.pinned)
+        with self.timings("verify"):
+            k, token = verify(self.model, r, canvas, hidden, self.runner.vocab_chunk)
+        new, reason = cut_at_stop(canvas[P:k] + [token], r.params.stop_token_ids)
+        r.stats.accepted_per_canvas.append(min(k - P, len(new)))  # up to a stop id: what was kept of the draft
+        kept, append, reason = emit(r, new, reason, self.gen.pad_token_id)
+        canvas_no, r.canvas_index, r.verifying = r.canvas_index, r.canvas_index + 1, False
+        self._emitted(r, new[:kept] + list(append), reason, canvas_no, events)
+        if reason is not None:
+            return
+        cached = P + min(kept, k - P)  # the pinned tokens and the accepted ones kept
+        r.cache.truncate(len(canvas) - cached)
+        self.runner.refresh(r)
+        if cached:
+            r.last_hidden = hidden[cached - 1]
+        r.pinned = ([token] if kept > k - P else []) + list(append)
+        start_canvas(r, self.canvas_length, self.vocab_size)
 
     def _finish(self, r: RequestState, reason: str, new: list[int], events: list[Event],
                 canvas_no: int | None = None) -> None:

@@ -25,6 +25,7 @@ class RequestStats:
     decoder_forwards: int = 0
     commit_forwards: int = 0  # encoder passes: the prefill and each committed canvas
     steps_per_canvas: list[int] = field(default_factory=list)
+    accepted_per_canvas: list[int] = field(default_factory=list)  # speculative: canvas tokens the verifier kept
     counted_tokens: int = 0  # non-pad committed tokens, as the reference counts them
     prefill_s: float = 0.0
     ttft_s: float | None = None  # time to the first committed token
@@ -32,11 +33,20 @@ class RequestStats:
 
     @property
     def tokens_per_forward(self) -> float:
+        """Tokens per denoising step, as the reference counts them (commit passes not counted)."""
         return self.counted_tokens / self.decoder_forwards if self.decoder_forwards else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens per forward pass of any kind: denoising steps, the prefill and every commit / verify pass
+        (autoregressive decoding: one pass per token). Comparable across decoding modes."""
+        passes = self.decoder_forwards + self.commit_forwards
+        return self.counted_tokens / passes if passes else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["tokens_per_forward"] = self.tokens_per_forward
+        d["tokens_per_pass"] = self.tokens_per_pass
         return d
 
 
@@ -113,6 +123,19 @@ class RequestState:
     history: list[torch.Tensor] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     slot: int = -1  # its row in a fixed-shape step (the static runner only)
+    # speculative and autoregressive decoding (the causal verifier):
+    pinned: list[int] = field(default_factory=list)  # emitted, not yet in the cache: the next canvas starts with them
+    last_hidden: torch.Tensor | None = None  # [D] the encoder's hidden state at the last cached token
+    verifying: bool = False  # `to_encode` is a drafted canvas to verify (not yet emitted)
+
+    @property
+    def mode(self) -> str:
+        return self.params.decoding
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether this request's encoder passes must return their hidden states (the verifier reads them)."""
+        return self.params.decoding != "diffusion"
 
     @property
     def wants_soft(self) -> bool:

@@ -54,8 +54,9 @@ class EagerRunner:
 
     # -- a request's life ----------------------------------------------------------------------------
     def admit(self, r: RequestState) -> None:
-        """A request becomes active (it gets its cache; the static runner also gives it a slot)."""
-        r.cache = self.model.new_cache()
+        """A request becomes active (it gets its cache; the static runner also gives it a slot). A speculative
+        request's cache can take back a canvas (what the verifier rejects)."""
+        r.cache = self.model.new_cache(spare=self.canvas_length if r.mode == "speculative" else 0)
 
     def release(self, r: RequestState) -> None:
         """A request leaves (finished or cancelled): its memory is freed."""
@@ -65,25 +66,38 @@ class EagerRunner:
     def _groups(self, batch: list[RequestState]) -> list[list[RequestState]]:
         return [[r] for r in batch] if self.batch_invariant else [batch] if batch else []
 
+    def refresh(self, r: RequestState) -> None:
+        """The request's cache changed outside an encoder pass (the verifier took tokens back)."""
+
     # -- encoder passes: prefill and commit -------------------------------------------------------------
     def encode_groups(self, pending: list[RequestState]) -> list[list[RequestState]]:
-        """Requests whose tokens share an encoder pass; prompts with images go alone (their embeddings differ)."""
-        return self._groups([r for r in pending if not r.images]) + [[r] for r in pending if r.images]
+        """Requests whose tokens share an encoder pass: prompts with images go alone (their embeddings differ),
+        and requests whose hidden states the verifier reads apart from those that only commit."""
+        text = [r for r in pending if not r.images]
+        return (self._groups([r for r in text if not r.needs_hidden]) + self._groups([r for r in text if r.needs_hidden])
+                + [[r] for r in pending if r.images])
 
-    def encode(self, group: list[RequestState]) -> None:
-        """Commit each request's `to_encode` tokens to its cache."""
+    def encode(self, group: list[RequestState]) -> list[torch.Tensor] | None:
+        """Commit each request's `to_encode` tokens to its cache; for requests that need them (the same for the
+        whole group), their final hidden states, one [len(to_encode), D] tensor each."""
         ids = torch.tensor([t for r in group for t in r.to_encode], device=self.model.device)
         prefill = all(r.stats.commit_forwards == 0 for r in group)
+        hidden = group[0].needs_hidden
         with self.timings("prefill" if prefill else "commit"):
             if group[0].images:
                 from ..vision.placement import embed_prompt
 
                 r = group[0]
                 embeds, blocks = embed_prompt(self.model, self.vision, ids, r.images, self.soft_token_ids)
-                self.model.encode(None, [r.cache], inputs_embeds=embeds, block_ids=blocks, hidden=False)
+                out = self.model.encode(None, [r.cache], inputs_embeds=embeds, block_ids=blocks, hidden=hidden)
                 r.images = None  # consumed by the prefill
+            elif hidden:
+                out = self.model.encode(ids, [r.cache for r in group], lengths=[len(r.to_encode) for r in group])
             else:
-                self._commit(ids, group)
+                out = self._commit(ids, group)
+        if not hidden:
+            return None
+        return list(out.split([len(r.to_encode) for r in group]))
 
     def _commit(self, ids: torch.Tensor, group: list[RequestState]) -> None:
         self.model.encode(ids, [r.cache for r in group], lengths=[len(r.to_encode) for r in group], hidden=False)
@@ -166,10 +180,14 @@ class StaticRunner(EagerRunner):
             self._free.append(r.slot)
             r.slot = -1
 
-    def encode(self, group: list[RequestState]) -> None:
-        super().encode(group)
+    def encode(self, group: list[RequestState]) -> list[torch.Tensor] | None:
+        out = super().encode(group)
         for r in group:
             self.static.load(r.slot, r.cache)
+        return out
+
+    def refresh(self, r: RequestState) -> None:
+        self.static.load(r.slot, r.cache)
 
     def denoise_groups(self, ready: list[RequestState]) -> list[list[RequestState]]:
         return [ready] if ready else []  # every slot steps in one fixed-shape forward

@@ -96,8 +96,9 @@ class DiffusionGemmaText(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.dtype, self.device)
+    def new_cache(self, spare: int = 0) -> KVCache:
+        """An empty cache for one sequence (`spare`: how many committed tokens `truncate` may take back)."""
+        return KVCache(self.config, self.dtype, self.device, spare)
 
     # -- embeddings ------------------------------------------------------------------------------
     def embed_scale(self) -> torch.Tensor:

@@ -5,7 +5,9 @@ request's draws do not depend on what else shares its batch, on how many steps o
 or on the order of calls. That is what makes a request's tokens the same alone or batched, and lets a
 test inject the same draws into the reference implementation.
 
-Purposes: the initial canvas, the per-position sample uniforms, the re-noising tokens.
+Purposes: the initial canvas, the per-position sample uniforms, the re-noising tokens; and for the
+causal verifier (speculative and autoregressive decoding) the acceptance uniforms, the uniform of a
+rejected position's corrected sample, and the uniform of a next-token sample.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from .noise import uniform_tokens
 
-INIT, SAMPLE, RENOISE = 1, 2, 3
+INIT, SAMPLE, RENOISE, ACCEPT, CORRECT, NEXT = 1, 2, 3, 4, 5, 6
 _MASK = (1 << 64) - 1
 
 
@@ -49,7 +51,7 @@ class Draws:
         """n tokens uniform over [0, vocab_size) (the initial canvas, or re-noising)."""
         return uniform_tokens((n,), vocab_size, self.generator(canvas, step, purpose), self.device)
 
-    def uniforms(self, canvas: int, step: int, n: int) -> torch.Tensor:
-        """n float64 uniforms in [0, 1): one per canvas position, for inverse-CDF sampling."""
-        g = self.generator(canvas, step, SAMPLE)
+    def uniforms(self, canvas: int, step: int, n: int, purpose: int = SAMPLE) -> torch.Tensor:
+        """n float64 uniforms in [0, 1): one per canvas position, for inverse-CDF sampling (or `purpose`)."""
+        g = self.generator(canvas, step, purpose)
         return torch.rand(n, generator=g, dtype=torch.float64, device=self.device)

@@ -110,3 +110,39 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: to
         sample[rs] = (bidx[rs] * block + inside.clamp_max(block - 1)).clamp_max(v - 1)
     return VocabResult(best_idx, entropy, sample, soft)
 
+
+
+def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: torch.Tensor,
+                    targets: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal verifier's view of given tokens, without [rows x vocab] logits: per row, the argmax of the
+    logits and log softmax(logits / T)[target] (fp32), walking the vocabulary in chunks with an online
+    logsumexp. hidden [M, D], temps [M] (> 0; 1 where only the argmax matters), targets [M] token ids."""
+    m, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    t = temps.float()[:, None]
+    run_max = torch.full((m,), -math.inf, dtype=torch.float32, device=dev)
+    run_sum = torch.zeros(m, dtype=torch.float32, device=dev)
+    best = torch.full((m,), -math.inf, dtype=torch.float32, device=dev)
+    best_idx = torch.zeros(m, dtype=torch.long, device=dev)
+    picked = torch.zeros(m, dtype=torch.float32, device=dev)
+    for start in range(0, v, chunk):
+        z = lm_head(hidden, weight[start:start + chunk], cap) / t  # [m, c] fp32
+        cmax, cidx = z.max(dim=-1)
+        better = cmax > best
+        best = torch.where(better, cmax, best)
+        best_idx = torch.where(better, cidx + start, best_idx)
+        inside = (targets >= start) & (targets < start + z.shape[1])
+        picked = torch.where(inside, z.gather(1, (targets - start).clamp(0, z.shape[1] - 1)[:, None])[:, 0], picked)
+        new_max = torch.maximum(run_max, cmax)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(-1)
+        run_max = new_max
+    return best_idx, picked - (run_max + torch.log(run_sum))
+
+
+def sample_excluding(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temperature: float, exclude: int,
+                     uniform: torch.Tensor) -> int:
+    """One token from softmax(logits / T) with `exclude` removed and the rest renormalised (inverse CDF at the
+    given uniform): a rejected draft token's correction in speculative sampling. One row: [vocab] fp32."""
+    z = lm_head(hidden[None], weight, cap)[0] / temperature
+    z[exclude] = -math.inf
+    return int(inverse_cdf_sample(torch.softmax(z, -1)[None], uniform.reshape(1))[0])

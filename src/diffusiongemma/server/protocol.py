@@ -5,7 +5,8 @@ Every field of a request is either used, or accepted as metadata that cannot cha
 
 Extensions (documented in the README), passed by the OpenAI client through `extra_body`:
   max_denoising_steps, t_max, t_min, entropy_bound, stability_threshold, confidence_threshold,
-  schedule_steps: the sampler settings of this request;
+  schedule_steps, decoding (diffusion | speculative | autoregressive), ar_temperature: the sampler
+  settings of this request;
   enable_thinking (or chat_template_kwargs.enable_thinking), thinking_budget;
   stream_options.include_draft: add draft frames (the denoising canvas) to the stream.
 Sampler fields (OpenAI `temperature`, `max_tokens`, `seed` and the extensions) are `engine.SamplingParams`
@@ -37,7 +38,7 @@ class APIError(Exception):
 
 
 SAMPLER_FIELDS = ("max_denoising_steps", "t_max", "t_min", "entropy_bound", "stability_threshold",
-                  "confidence_threshold", "schedule_steps")
+                  "confidence_threshold", "schedule_steps", "decoding", "ar_temperature")
 METADATA = ("user", "metadata", "store")
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
@@ -146,8 +147,11 @@ def usage(stats, extra: bool = True) -> dict:
          "total_tokens": stats.prompt_tokens + stats.completion_tokens}
     if extra:
         spc = stats.steps_per_canvas
+        acc = stats.accepted_per_canvas
         u["diffusion"] = {"decoder_forwards": stats.decoder_forwards, "commit_forwards": stats.commit_forwards,
                           "tokens_per_forward": round(stats.tokens_per_forward, 3),
+                          "tokens_per_pass": round(stats.tokens_per_pass, 3),
+                          "accepted_per_canvas": round(sum(acc) / len(acc), 2) if acc else None,
                           "steps_per_canvas": round(sum(spc) / len(spc), 2) if spc else 0.0,
                           "canvases": len(spc), "ttft_s": round(stats.ttft_s or 0.0, 4),
                           "total_s": round(stats.total_s, 4)}

@@ -27,8 +27,8 @@ def _generate(gen: Generator, turns, params: SamplingParams) -> list[Result]:
 
 
 def evaluate(ck, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens: int = 256,
-             text_items: int = 64, progress: bool = True) -> dict:
-    """ck: a `load()`ed checkpoint with its tokenizer."""
+             text_items: int = 64, progress: bool = True, decoding: str = "diffusion") -> dict:
+    """ck: a `load()`ed checkpoint with its tokenizer; decoding: the requests' decoding mode."""
     gen = Generator(ck, max_batch=16)
     results: dict[str, dict] = {}
     if ck.vision is not None and not any(f.startswith("image_") for f in families):
@@ -40,26 +40,30 @@ def evaluate(ck, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens
             examples = [image_example(family.removeprefix("image_"), s) for s in seeds]
         else:
             examples = [tasks.make_example(family, s) for s in seeds]
-        params = lambda i: SamplingParams(max_tokens=max_tokens, seed=seed * 1_000_003 + i)  # noqa: E731
+        params = lambda i: SamplingParams(max_tokens=max_tokens, seed=seed * 1_000_003 + i,  # noqa: E731
+                                          decoding=decoding)
         first = _generate(gen, [ex.turns[0] for ex in examples], params(0))
-        tpf = [r.stats.tokens_per_forward for r in first]
-        spc = [x for r in first for x in r.stats.steps_per_canvas]
+        done = list(first)
         row: dict = {"n": n}
         if family == "tools":
             valid = [len(r.tool_calls) == 1 and not r.tool_call_errors and r.tool_calls[0].name == ex.call["name"]
                      and r.tool_calls[0].arguments == ex.call["arguments"] for r, ex in zip(first, examples)]
             second = _generate(gen, [ex.turns[1] for ex in examples], params(1))
-            tpf += [r.stats.tokens_per_forward for r in second]
-            spc += [x for r in second for x in r.stats.steps_per_canvas]
+            done += second
             correct = [r.content.strip() == ex.answer for r, ex in zip(second, examples)]
             row["valid_tool_calls"] = sum(valid) / n
             row["exact_match"] = sum(correct) / n
             row["exact_match_end_to_end"] = sum(v and c for v, c in zip(valid, correct)) / n
         else:
             row["exact_match"] = sum(r.content.strip() == ex.answer for r, ex in zip(first, examples)) / n
-        row["tokens_per_forward"] = statistics.mean(tpf)
-        row["steps_per_canvas_mean"] = statistics.mean(spc)
-        row["steps_per_canvas_median"] = statistics.median(spc)
+        spc = [x for r in done for x in r.stats.steps_per_canvas]
+        acc = [x for r in done for x in r.stats.accepted_per_canvas]
+        row["tokens_per_forward"] = statistics.mean(r.stats.tokens_per_forward for r in done)
+        row["tokens_per_pass"] = statistics.mean(r.stats.tokens_per_pass for r in done)
+        row["answer_tokens_mean"] = statistics.mean(r.stats.completion_tokens for r in done)
+        row["steps_per_canvas_mean"] = statistics.mean(spc) if spc else 0.0
+        row["steps_per_canvas_median"] = statistics.median(spc) if spc else 0.0
+        row["accepted_per_canvas"] = statistics.mean(acc) if acc else None
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results[family] = row
         if progress:
@@ -98,15 +102,31 @@ def text_loss(ck, items: int, seed: int) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'family':12} {'exact match':>11} {'valid calls':>11} {'tok/forward':>11} {'steps/canvas':>13}"]
+    lines = [f"{'family':12} {'exact match':>11} {'valid calls':>11} {'tok/forward':>11} {'tok/pass':>8} "
+             f"{'accepted':>8} {'steps/canvas':>13}"]
     for fam, r in res.items():
         if fam == "text":
             continue
         vc = f"{r['valid_tool_calls']:.1%}" if "valid_tool_calls" in r else "-"
+        acc = f"{r['accepted_per_canvas']:.1f}" if r.get("accepted_per_canvas") is not None else "-"
         lines.append(f"{fam:12} {r['exact_match']:>11.1%} {vc:>11} {r['tokens_per_forward']:>11.2f} "
+                     f"{r['tokens_per_pass']:>8.2f} {acc:>8} "
                      f"{r['steps_per_canvas_mean']:>7.1f} (med {r['steps_per_canvas_median']:.0f})")
     t = res.get("text", {})
     if "diffusion_loss" in t:
         lines.append(f"held-out text ({t['items']} passages): diffusion loss {t['diffusion_loss']:.3f}, "
                      f"next-token loss {t['ar_loss']:.3f}")
+    return "\n".join(lines)
+
+
+def format_side_by_side(by_mode: dict[str, dict]) -> str:
+    """Exact match and tokens per pass of several decoding modes, one row per family."""
+    modes = list(by_mode)
+    head = f"{'family':12}" + "".join(f" {m[:14]:>14} {'tok/pass':>8}" for m in modes)
+    lines = [head]
+    for fam in next(iter(by_mode.values())):
+        if fam == "text":
+            continue
+        lines.append(f"{fam:12}" + "".join(f" {by_mode[m][fam]['exact_match']:>14.1%} "
+                                           f"{by_mode[m][fam]['tokens_per_pass']:>8.2f}" for m in modes))
     return "\n".join(lines)
