@@ -72,3 +72,23 @@ def test_images_as_data_urls(client):
         c.chat.completions.create(model=name, max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
     assert c.models.list().data  # still serving
+
+
+def test_response_format_json_schema(client):
+    import jsonschema
+
+    c, name = client
+    schema = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Paris"]}, "temp": {"type": "integer",
+              "minimum": -30, "maximum": 40}}, "required": ["city", "temp"], "additionalProperties": False}
+    r = c.chat.completions.create(model=name, seed=0, max_tokens=32, messages=[{"role": "user", "content": "Weather?"}],
+                                  response_format={"type": "json_schema",
+                                                   "json_schema": {"name": "w", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    assert r.usage.model_extra["diffusion"]["accepted_per_canvas"] is not None  # verified (speculatively)
+    for bad, msg in (({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "frob"}}}, "not supported"),
+                     ({"type": "yaml"}, "response_format.type")):
+        with pytest.raises(openai.BadRequestError, match=msg) as e:
+            c.chat.completions.create(model=name, max_tokens=8, messages=[{"role": "user", "content": "x"}],
+                                      response_format=bad)
+        assert e.value.body["param"] == "response_format"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .common import (
@@ -41,6 +42,8 @@ def _main(argv) -> int:
     ap.add_argument("--tools", help="JSON file with a list of tool (function) declarations")
     ap.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     ap.add_argument("--json", action="store_true", help="print one JSON object with text and statistics")
+    ap.add_argument("--json-schema", help="JSON schema file: the answer is JSON that validates against it")
+    ap.add_argument("--json-object", action="store_true", help="the answer is a JSON object (any)")
     add_media_args(ap)
     add_model_args(ap)
     add_sampler_args(ap)
@@ -61,6 +64,10 @@ def _main(argv) -> int:
         messages = [{"role": "system", "content": a.system}] + messages
 
     params, options = sampling_params(a), output_options(a)  # bad settings fail before the model loads
+    if a.json_schema or a.json_object:
+        schema = _read_json(a.json_schema, "schema") if a.json_schema else None
+        options = replace(options, response_format={"type": "json_schema", "json_schema": {"schema": schema}}
+                          if schema is not None else {"type": "json_object"})
     gen = make_generator(a, load_model(a))
     if a.raw:
         if a.image or a.video:

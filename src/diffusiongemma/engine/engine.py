@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +33,7 @@ from ..model import DiffusionGemmaText
 from ..sampling.draws import Draws
 from .canvas import advance, commit_canvas, cut_at_stop, emit, start_canvas, step_temperature
 from .params import RequestError, SamplingParams
-from .request import CommitEvent, CommitHook, Completion, Event, RequestState, RequestStats
+from .request import CommitEvent, CommitHook, Completion, Constraint, Event, RequestState, RequestStats
 from .runners import EagerRunner, make_runner
 from .timings import Timings
 from .verify import next_token, verify
@@ -76,11 +77,14 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
-            hook: CommitHook | None = None, images: Sequence | None = None, draft: bool = False) -> str:
+            hook: CommitHook | None = None, images: Sequence | None = None, draft: bool = False,
+            constraint: Constraint | None = None) -> str:
         """Queue a request; returns its id. Raises RequestError naming a bad parameter.
 
         images: preprocessed images (and video frames), in the order of the prompt's soft-token runs.
-        draft: emit a DraftEvent at every denoising step of this request."""
+        draft: emit a DraftEvent at every denoising step of this request.
+        constraint: the tokens it may emit (structured output), applied by the causal verifier: a constrained
+        request runs speculatively when it asked for diffusion (its stats say which mode ran)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -88,6 +92,8 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
         resolved = params.resolve(self.gen)
+        if constraint is not None and resolved.decoding == "diffusion":
+            resolved = replace(params, decoding="speculative").resolve(self.gen, resolved.seed)
         if resolved.initial_canvas is not None:
             ic = resolved.initial_canvas
             if len(ic) != self.canvas_length or max(ic) >= self.vocab_size:
@@ -106,8 +112,8 @@ class Engine:
                 raise RequestError(f"the prompt has {soft} image soft tokens but the images need {need}")
         rid = request_id or f"req-{next(self._ids)}"
         req = RequestState(rid, prompt, resolved, Draws(resolved.seed, self.model.device), hook, bool(draft),
-                           RequestStats(prompt_tokens=len(prompt)), time.perf_counter(),
-                           images=list(images) if images else None, to_encode=list(prompt))
+                           RequestStats(prompt_tokens=len(prompt), decoding=resolved.decoding), time.perf_counter(),
+                           images=list(images) if images else None, to_encode=list(prompt), constraint=constraint)
         with self._lock:
             self._waiting.append(req)
         return rid
@@ -230,6 +236,8 @@ class Engine:
 
     def _emitted(self, r: RequestState, new: list[int], reason: str | None, canvas_no: int,
                  events: list[Event]) -> None:
+        if r.constraint is not None and new:
+            r.constraint.consume(new)
         if reason is not None:
             self._finish(r, reason, new, events, canvas_no)
         else:

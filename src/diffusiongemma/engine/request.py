@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,6 +29,7 @@ class RequestStats:
     accepted_per_canvas: list[int] = field(default_factory=list)  # speculative: canvas tokens the verifier kept
     counted_tokens: int = 0  # non-pad committed tokens, as the reference counts them
     prefill_s: float = 0.0
+    decoding: str = "diffusion"  # the mode that ran (a constrained request runs speculatively)
     ttft_s: float | None = None  # time to the first committed token
     total_s: float = 0.0
 
@@ -91,6 +93,19 @@ class CommitAction:
 CommitHook = Callable[[Sequence[int]], "CommitAction | None"]
 
 
+class Constraint(Protocol):
+    """Which tokens a request may emit (structured output), over token ids: kept in step with what the request
+    emits. The engine calls it from its own thread only."""
+
+    def masks(self, draft: Sequence[int]) -> list[torch.Tensor]:
+        """Allowed-token masks ([vocab] bool): after the tokens emitted so far, then after each draft token in
+        turn; ends with the mask at the first draft token it does not allow, or after the whole draft
+        (len(draft) + 1 masks). Leaves the state as it was."""
+
+    def consume(self, tokens: Sequence[int]) -> None:
+        """The request emitted these tokens."""
+
+
 @dataclass
 class Completion:
     request_id: str
@@ -127,6 +142,7 @@ class RequestState:
     pinned: list[int] = field(default_factory=list)  # emitted, not yet in the cache: the next canvas starts with them
     last_hidden: torch.Tensor | None = None  # [D] the encoder's hidden state at the last cached token
     verifying: bool = False  # `to_encode` is a drafted canvas to verify (not yet emitted)
+    constraint: Constraint | None = None  # structured output: the grammar the verifier applies
 
     @property
     def mode(self) -> str:

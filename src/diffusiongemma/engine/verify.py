@@ -13,6 +13,10 @@ decoding uses it alone, one token per pass.
   removed and renormalised. The output then has exactly the distribution of autoregressive sampling at
   `ar_temperature` (tested). When the whole canvas is accepted, the token after it is a bonus.
 Pinned positions (already the verifier's or forced) are accepted as they are.
+
+With a constraint (structured output) the verifier's distribution at each position is restricted to the
+tokens the grammar allows there (its mask): a draft token the grammar forbids is rejected, and the
+correction is the verifier's best (or sampled) allowed token.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from ..model import DiffusionGemmaText
 from ..sampling.draws import ACCEPT, CORRECT, NEXT
-from ..sampling.vocab import sample_excluding, target_logprobs, vocab_pass
+from ..sampling.vocab import sample_row, target_logprobs, vocab_pass
 from .request import RequestState
 
 
@@ -29,11 +33,14 @@ def next_token(model: DiffusionGemmaText, r: RequestState, hidden: torch.Tensor,
                chunk: int) -> int:
     """The verifier's token after hidden [D]; `key` (canvas, step) keys the draw when sampling."""
     w, cap, t = model.embed_tokens.weight, model.config.final_logit_softcapping, r.params.ar_temperature
+    allowed = r.constraint.masks([])[0][None] if r.constraint is not None else None
     if t == 0:
         best, _ = target_logprobs(hidden[None], w, cap, torch.ones(1, device=hidden.device),
-                                  torch.zeros(1, dtype=torch.long, device=hidden.device), chunk)
+                                  torch.zeros(1, dtype=torch.long, device=hidden.device), chunk, allowed)
         return int(best[0])
     u = r.draws.uniforms(key[0], key[1], 1, NEXT)
+    if allowed is not None:
+        return sample_row(hidden, w, cap, t, u, allowed[0])
     res = vocab_pass(hidden[None], w, cap, torch.full((1,), t, device=hidden.device), u, False, model.embed_scale(),
                      chunk=chunk)
     return int(res.sample[0])
@@ -44,26 +51,30 @@ def verify(model: DiffusionGemmaText, r: RequestState, canvas: list[int], hidden
     """canvas: the drafted canvas's L tokens (the first len(r.pinned) pinned), hidden [L, D]: the encoder's
     hidden states over it (after `r.last_hidden`, the state at the last cached token). Returns (k, token):
     canvas[:k] accepted, and the verifier's token at position k (a correction, or the bonus when k == L)."""
-    L, P = len(canvas), len(r.pinned)
+    P = len(r.pinned)
     w, cap, t = model.embed_tokens.weight, model.config.final_logit_softcapping, r.params.ar_temperature
     dev = hidden.device
-    # row j predicts canvas[j]: the state before position j
-    before = hidden[P - 1:L - 1] if P else torch.cat([r.last_hidden[None], hidden[:L - 1]])
-    targets = torch.tensor(canvas[P:], dtype=torch.long, device=dev)
-    k = L
-    if targets.numel():
-        best, logp = target_logprobs(before, w, cap, torch.full((L - P,), t if t > 0 else 1.0, device=dev), targets,
-                                     chunk)
-        if t == 0:
-            agree = best == targets
-        else:
-            agree = r.draws.uniforms(r.canvas_index, 0, L - P, ACCEPT) < logp.double().exp()
-        rejected = (~agree).nonzero()
-        if rejected.numel():
-            j = int(rejected[0, 0])
-            k = P + j
-            if t == 0:
-                return k, int(best[j])
-            u = r.draws.uniforms(r.canvas_index, 0, 1, CORRECT)
-            return k, sample_excluding(before[j], w, cap, t, canvas[k], u)
-    return k, next_token(model, r, hidden[L - 1], (r.canvas_index, 1), chunk)
+    draft = canvas[P:]
+    # row j is the state before draft[j]; the last row, after the whole canvas, gives the bonus token
+    before = hidden[P - 1:] if P else torch.cat([r.last_hidden[None], hidden])
+    masks = r.constraint.masks(draft) if r.constraint is not None else None
+    n = len(draft) if masks is None else len(masks) - 1  # draft[:n] is allowed (draft[n] forbidden if n < len)
+    rows = before[:n + 1]
+    allowed = torch.stack(masks).to(dev) if masks is not None else None
+    targets = torch.tensor(draft[:n] + [0], dtype=torch.long, device=dev)
+    temps = torch.full((n + 1,), t if t > 0 else 1.0, device=dev)
+    best, logp = target_logprobs(rows, w, cap, temps, targets, chunk, allowed)
+    if t == 0:
+        agree = best[:n] == targets[:n]
+    else:
+        agree = r.draws.uniforms(r.canvas_index, 0, n, ACCEPT) < logp[:n].double().exp()
+    rejected = (~agree).nonzero()
+    j = int(rejected[0, 0]) if rejected.numel() else n
+    if t == 0:
+        return P + j, int(best[j])
+    if j == len(draft):  # all accepted: the bonus token after the canvas
+        u = r.draws.uniforms(r.canvas_index, 1, 1, NEXT)
+    else:  # a correction: the verifier's distribution without the rejected token (forbidden ones already out)
+        u = r.draws.uniforms(r.canvas_index, 0, 1, CORRECT)
+    return P + j, sample_row(rows[j], w, cap, t, u, allowed[j] if allowed is not None else None,
+                             draft[j] if j < len(draft) else None)

@@ -12,12 +12,14 @@ Everything the CLI, the server, the evaluation and the benchmarks do with text g
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from collections.abc import Iterator, Sequence
 
-from ..engine import Engine, SamplingParams
+from ..engine import Engine, RequestError, SamplingParams
 from .output import Output, OutputOptions, Result, TextRequest
 from .prompt import Prompt, PromptBuilder
+from .structured import Grammars
 
 
 class Generator:
@@ -31,6 +33,9 @@ class Generator:
         self._requests: dict[str, TextRequest] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.grammars = Grammars(self.tokenizer, checkpoint.config.text.vocab_size,
+                                 checkpoint.generation_config.eos_token_id)
+        self._compiled: dict[str, str] = {}  # schema (JSON) -> grammar
 
     # -- prompts ---------------------------------------------------------------------------------------
     def chat(self, messages, tools=None, thinking: bool = False, policy=None, tool_choice="auto") -> Prompt:
@@ -45,18 +50,39 @@ class Generator:
         """Queue a request (a `Prompt`, or token ids); returns its id. Raises RequestError naming a bad setting."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         options = options or OutputOptions()
+        constraint = self._constraint(options, prompt, params)
         rid = request_id or f"gen-{next(self._ids)}"
         tr = TextRequest(rid, self.tokenizer, options, prompt.forced)
         with self._lock:
             self._requests[rid] = tr  # registered before the engine can report anything of it
         try:
             self.engine.add(prompt.ids, params, request_id=rid, hook=tr.hook, images=prompt.images or None,
-                            draft=options.draft)
+                            draft=options.draft, constraint=constraint)
         except Exception:
             with self._lock:
                 self._requests.pop(rid, None)
             raise
         return rid
+
+    def _constraint(self, options: OutputOptions, prompt: Prompt, params: SamplingParams | None):
+        """The grammar a request's answer must follow: its response_format's schema, or its forced tool call
+        (tool_choice "required" or a named function) with the tool's parameter schema."""
+        schema = options.schema
+        if schema is None and prompt.tool_call is None:
+            return None
+        field = "response_format" if schema is not None else "tool_choice"
+        if schema is not None and prompt.tool_call is not None:
+            raise RequestError("response_format cannot be combined with a forced tool call (tool_choice)", field)
+        if params is not None and params.stop_token_ids is not None:
+            raise RequestError(f"{field} ends the answer with the checkpoint's stop ids: a request's own "
+                               "stop_token_ids cannot be combined with it", field)
+        if schema is None and (options.stop or options.thinking_budget is not None):
+            raise RequestError("a forced tool call cannot be combined with stop strings or a thinking budget", field)
+        key = json.dumps(schema if schema is not None else prompt.tool_call, sort_keys=True)
+        if key not in self._compiled:
+            self._compiled[key] = (self.grammars.compile(schema) if schema is not None
+                                   else self.grammars.compile_tool_call(*prompt.tool_call))
+        return self.grammars.constraint(self._compiled[key])
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step (its cache is freed; it finishes with `cancelled`)."""

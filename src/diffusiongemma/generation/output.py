@@ -16,6 +16,7 @@ from ..engine import CommitAction, CommitEvent, DraftEvent, Event, RequestError,
 from ..text.parser import Delta, ToolCall
 from ..text.stream import TextStream
 from ..text.tokenizer import Tokenizer
+from .structured import response_schema
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class OutputOptions:
     stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one (not in reasoning)
     thinking_budget: int | None = None  # the most reasoning tokens; then the thought is closed
     draft: bool = False  # a DraftEvent per denoising step (the canvas as it denoises)
+    response_format: dict | None = None  # OpenAI's: {"type": "json_object"} or a json_schema (`structured`)
 
     def __post_init__(self):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -36,6 +38,14 @@ class OutputOptions:
             raise RequestError(f"thinking_budget must be an integer >= 0, got {b!r}", "thinking_budget")
         if not isinstance(self.draft, bool):
             raise RequestError(f"draft must be true or false, got {self.draft!r}", "draft")
+        if response_schema(self.response_format) is not None and (self.stop or self.thinking_budget is not None):
+            raise RequestError("response_format cannot be combined with stop strings or a thinking budget (a cut "
+                               "would leave the output unfinished)", "response_format")
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON schema the answer must follow (None: free text)."""
+        return response_schema(self.response_format)
 
 
 @dataclass

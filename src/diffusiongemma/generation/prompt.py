@@ -16,6 +16,7 @@ class Prompt:
     ids: list[int]
     images: list = field(default_factory=list)  # preprocessed images / video frames, in soft-token order
     forced: str = ""  # text the prompt forces at the start of the answer (its tokens end `ids`)
+    tool_call: tuple[list, str | None] | None = None  # a forced call: (the tools, its name if forced) -> a grammar
 
 
 def forced_call(tool_choice, tools: list | None) -> str:
@@ -81,7 +82,8 @@ class PromptBuilder:
         tools = validate_tools(tools)
         forced = forced_call(tool_choice, tools)
         ids, images = self.chat_inputs(messages, tools if tool_choice != "none" else None, thinking, policy)
-        return Prompt(ids + self.tokenizer.encode(forced), images, forced)
+        call = (tools, forced.removeprefix(T.CALL_OPEN + "call:") or None) if forced else None
+        return Prompt(ids + self.tokenizer.encode(forced), images, forced, call)
 
     def text(self, text: str) -> Prompt:
         """A raw prompt (no chat template): <bos> then the text."""

@@ -113,10 +113,12 @@ def vocab_pass(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: to
 
 
 def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temps: torch.Tensor,
-                    targets: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                    targets: torch.Tensor, chunk: int = 8192,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal verifier's view of given tokens, without [rows x vocab] logits: per row, the argmax of the
     logits and log softmax(logits / T)[target] (fp32), walking the vocabulary in chunks with an online
-    logsumexp. hidden [M, D], temps [M] (> 0; 1 where only the argmax matters), targets [M] token ids."""
+    logsumexp. hidden [M, D], temps [M] (> 0; 1 where only the argmax matters), targets [M] token ids;
+    allowed [M, V] bool: only these tokens count (a grammar's mask; -inf log-probability for the others)."""
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     t = temps.float()[:, None]
@@ -127,6 +129,8 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temp
     picked = torch.zeros(m, dtype=torch.float32, device=dev)
     for start in range(0, v, chunk):
         z = lm_head(hidden, weight[start:start + chunk], cap) / t  # [m, c] fp32
+        if allowed is not None:
+            z = z.masked_fill(~allowed[:, start:start + z.shape[1]], -math.inf)
         cmax, cidx = z.max(dim=-1)
         better = cmax > best
         best = torch.where(better, cmax, best)
@@ -134,15 +138,20 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temp
         inside = (targets >= start) & (targets < start + z.shape[1])
         picked = torch.where(inside, z.gather(1, (targets - start).clamp(0, z.shape[1] - 1)[:, None])[:, 0], picked)
         new_max = torch.maximum(run_max, cmax)
-        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(-1)
+        safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # a chunk wholly masked
+        run_sum = run_sum * torch.exp(run_max - safe) + torch.exp(z - safe[:, None]).sum(-1)
         run_max = new_max
     return best_idx, picked - (run_max + torch.log(run_sum))
 
 
-def sample_excluding(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temperature: float, exclude: int,
-                     uniform: torch.Tensor) -> int:
-    """One token from softmax(logits / T) with `exclude` removed and the rest renormalised (inverse CDF at the
-    given uniform): a rejected draft token's correction in speculative sampling. One row: [vocab] fp32."""
+def sample_row(hidden: torch.Tensor, weight: torch.Tensor, cap: float, temperature: float, uniform: torch.Tensor,
+               allowed: torch.Tensor | None = None, exclude: int | None = None) -> int:
+    """One token from softmax(logits / T) over the `allowed` tokens [V] bool (all when None) with `exclude`
+    removed, renormalised (inverse CDF at the given uniform): a rejected draft token's correction in
+    speculative sampling, or a constrained next token. One row: [vocab] fp32."""
     z = lm_head(hidden[None], weight, cap)[0] / temperature
-    z[exclude] = -math.inf
+    if allowed is not None:
+        z = z.masked_fill(~allowed, -math.inf)
+    if exclude is not None:
+        z[exclude] = -math.inf
     return int(inverse_cdf_sample(torch.softmax(z, -1)[None], uniform.reshape(1))[0])

@@ -9,6 +9,8 @@ Extensions (documented in the README), passed by the OpenAI client through `extr
   settings of this request;
   enable_thinking (or chat_template_kwargs.enable_thinking), thinking_budget;
   stream_options.include_draft: add draft frames (the denoising canvas) to the stream.
+`response_format` json_object / json_schema constrains the answer to parse and validate (see
+`generation.structured`).
 Sampler fields (OpenAI `temperature`, `max_tokens`, `seed` and the extensions) are `engine.SamplingParams`
 fields and output fields (`stop`, `thinking_budget`, draft frames) `generation.OutputOptions` fields: their
 types, ranges and defaults are checked there, and their errors reported as they are, naming the field.
@@ -99,9 +101,6 @@ def parse_request(body: Any, kind: str, gen: GenerationConfig, model_name: str, 
     for name, ok in UNSUPPORTED:
         if name in body and not ok(body[name]):
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    if "response_format" in body and body["response_format"] not in (None, {"type": "text"}):
-        raise APIError(400, "response_format other than text is not supported", param="response_format",
-                       code="unsupported_parameter")
 
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = _settings(SamplingParams, {"max_tokens": max_name}, max_tokens=body.get(max_name), seed=body.get("seed"),
@@ -123,7 +122,8 @@ def parse_request(body: Any, kind: str, gen: GenerationConfig, model_name: str, 
     if opts and not stream:
         raise APIError(400, "stream_options requires stream: true", param="stream_options")
     options = _settings(OutputOptions, stop=stop, draft=bool(opts.get("include_draft")),
-                        thinking_budget=body.get("thinking_budget") if kind == "chat" else None)
+                        thinking_budget=body.get("thinking_budget") if kind == "chat" else None,
+                        response_format=body.get("response_format") if kind == "chat" else None)
 
     parsed = Parsed(params, options, stream, bool(opts.get("include_usage")))
     if kind == "chat":
