@@ -65,3 +65,16 @@ def test_head_memory_bench_shows_the_tiled_loss_holds_no_logits():
     # the full-logits path keeps several [256 x 65536] fp32 tensors (64 MiB each) for its backward pass
     assert rows["reference"]["beyond_grads_MiB"] > 3 * 64
     assert rows["tiled"]["beyond_grads_MiB"] < 32
+
+
+@pytest.mark.slow
+def test_structured_output_bench_runs_and_every_bounded_constrained_answer_validates():
+    from diffusiongemma.bench.structured import run
+
+    rows = run(None, seeds=1, max_tokens=64)
+    constrained = {r["kind"]: r for r in rows if r["constrained"]}
+    assert len(constrained) == 7 and all(r["requests"] == 6 for r in constrained.values())
+    for kind, r in constrained.items():
+        if kind != "unbounded number":  # the model can write its digits until max_tokens runs out
+            assert r["valid"] == r["requests"], r
+        assert r["finish"].get("stop", 0) <= r["valid"]  # nothing invalid ever ends with stop

@@ -149,10 +149,11 @@ def test_text_features_in_every_mode(tiny_text_model_dir, decoding):
 
 def test_compiled_and_static_runners_verify_alike(pair):
     _, ck = pair
-    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
     params = [SamplingParams(max_tokens=48, seed=s, decoding="speculative", max_denoising_steps=2) for s in (4, 5)]
-    eager = Engine.from_checkpoint(ck, max_batch=2, batch_invariant=False).generate(prompts, params)
-    static = Engine.from_checkpoint(ck, max_batch=2, runner="static", max_context=128).generate(prompts, params)
+    params.append(SamplingParams(max_tokens=20, seed=6, decoding="autoregressive"))
+    eager = Engine.from_checkpoint(ck, max_batch=3, batch_invariant=False).generate(prompts, params)
+    static = Engine.from_checkpoint(ck, max_batch=3, runner="static", max_context=128).generate(prompts, params)
     assert [c.token_ids for c in static] == [c.token_ids for c in eager]
 
 

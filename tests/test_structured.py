@@ -5,6 +5,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 import diffusiongemma as dg
 from diffusiongemma.engine import RequestError, SamplingParams
@@ -15,8 +16,8 @@ SCHEMAS = {
     "enum and range": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
                                                          "n": {"type": "integer", "minimum": 1, "maximum": 9}},
                        "required": ["color", "n"], "additionalProperties": False},
-    "array": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
-                                                         "minItems": 1, "maxItems": 4}},
+    "array": {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 4,
+                                                         "items": {"type": "integer", "minimum": 0, "maximum": 99}}},
               "required": ["items"], "additionalProperties": False},
     "nested": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                 "weather": {"type": "object", "properties": {
@@ -40,7 +41,7 @@ def _format(schema):
 def test_answers_parse_and_validate(gen, decoding):
     prompt = gen.chat([{"role": "user", "content": "What is the weather in Oslo? Answer in JSON."}])
     stops = 0
-    for name, schema in SCHEMAS.items():
+    for schema in SCHEMAS.values():
         for t in (0.0, 1.0):
             params = [SamplingParams(max_tokens=48, seed=s, decoding=decoding, ar_temperature=t) for s in range(3)]
             for r in gen.run([prompt] * 3, params, OutputOptions(response_format=_format(schema))):
@@ -129,3 +130,19 @@ def test_tool_call_grammar_accepts_valid_calls_only(gen):
     with pytest.raises(RequestError, match="uses 'pattern'") as e:
         gen.grammars.compile_tool_call(bad, None)
     assert e.value.param == "tool_choice"
+
+
+def test_looking_through_a_draft_leaves_the_grammar_where_it_was(gen):
+    """masks() over a draft that holds an allowed stop id and more tokens after it (the stop id is not
+    consumed: an answer ends there) must leave the matcher at the emitted tokens."""
+    c = gen.grammars.constraint(gen.grammars.compile({"type": "object", "properties": {"a": {"enum": ["x"]}},
+                                                      "required": ["a"]}))
+    tok = gen.tokenizer
+    c.consume(tok.encode('{"a":"x"'))
+    before = c.masks([])[0]
+    stop = tok.token_id("<turn|>")
+    masks = c.masks(tok.encode("}") + [stop] + tok.encode("{{"))
+    assert len(masks) == 3 and bool(masks[1][stop]) and masks[2].sum() == len(c.stop_ids)
+    assert torch.equal(c.masks([])[0], before)
+    c.consume(tok.encode("}") + [stop])
+    assert c.error is None

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from ..engine import SETTINGS, DraftEvent, RequestError, SamplingParams
 from ..generation import Generator, OutputOptions, Result
+from ..loader import default_model_dir
 
 # command-line flag -> SamplingParams field (help lines and checks come from engine.SETTINGS)
 SAMPLER_FLAGS = {"--max-tokens": "max_tokens", "--steps": "max_denoising_steps", "--temperature": "temperature",
@@ -24,13 +24,6 @@ SAMPLER_FLAGS = {"--max-tokens": "max_tokens", "--steps": "max_denoising_steps",
 
 class CLIError(Exception):
     """An error reported as one line, without a traceback."""
-
-
-def default_model_dir() -> str:
-    env = os.environ.get("DIFFUSIONGEMMA_MODEL")
-    if env:
-        return env
-    return str(Path(__file__).resolve().parents[3] / "models" / "diffusiongemma-tiny")
 
 
 def positive_int(s: str) -> int:

@@ -100,15 +100,17 @@ class Grammars:
 
     def constraint(self, grammar: str) -> GrammarConstraint:
         llguidance, tok = self._lib()
-        return GrammarConstraint(llguidance.LLMatcher(tok, grammar, log_level=0), self.vocab_size)
+        return GrammarConstraint(llguidance.LLMatcher(tok, grammar, log_level=0), self.vocab_size, self.stop_ids)
 
 
 class GrammarConstraint:
     """The engine's `Constraint` for one request: an llguidance matcher kept at the tokens emitted so far."""
 
-    def __init__(self, matcher, vocab_size: int):
-        self.m, self.vocab_size = matcher, vocab_size
+    def __init__(self, matcher, vocab_size: int, stop_ids: Sequence[int]):
+        self.m, self.vocab_size, self.stop_ids = matcher, vocab_size, set(stop_ids)
         self._bits = torch.arange(32, dtype=torch.int32)
+        self._after_stop = torch.zeros(vocab_size, dtype=torch.bool)
+        self._after_stop[list(self.stop_ids)] = True
 
     def _mask(self) -> torch.Tensor:
         words = torch.frombuffer(bytearray(self.m.compute_bitmask()), dtype=torch.int32)
@@ -119,16 +121,24 @@ class GrammarConstraint:
         for j in range(len(draft) + 1):
             mask = self._mask()
             out.append(mask)
-            if j == len(draft) or not bool(mask[draft[j]]) or not self.m.consume_token(int(draft[j])):
+            if j == len(draft) or not bool(mask[draft[j]]):
                 break
+            if draft[j] in self.stop_ids:  # an allowed stop id ends the answer: nothing after it is emitted
+                out.append(self._after_stop)
+                break
+            if not self.m.consume_token(int(draft[j])):
+                raise RuntimeError(f"grammar matcher refused an allowed token: {self.m.get_error()}")
             consumed += 1
         if consumed:
             self.m.rollback(consumed)
         return out
 
     def consume(self, tokens: Sequence[int]) -> None:
-        if not self.m.is_stopped():
-            self.m.consume_tokens([int(t) for t in tokens])
+        tokens = [int(t) for t in tokens]
+        if any(t in self.stop_ids for t in tokens):  # the answer ends here: nothing more to follow
+            tokens = tokens[:next(i for i, t in enumerate(tokens) if t in self.stop_ids)]
+        if tokens and not self.m.consume_tokens(tokens):
+            raise RuntimeError(f"the engine emitted tokens the grammar does not allow: {self.m.get_error()}")
 
     @property
     def error(self) -> str | None:

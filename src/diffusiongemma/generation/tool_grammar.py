@@ -7,19 +7,20 @@ forced, the arguments in Gemma 4 value syntax (`text.syntax`: bare keys in sorte
 
 Schema keywords followed: type (string, number, integer, boolean, null, object, array, or a list of
 them), enum, properties with required (optional ones may be left out; other keys are never written),
-items, anyOf / oneOf. Others (pattern, numeric ranges, lengths, $ref ...) raise `ToolGrammarError` naming
-the keyword, so that a call the grammar lets through always validates.
+items, anyOf / oneOf, minLength / maxLength (a string without maxLength has at most 200 characters). Others
+(pattern, numeric ranges, $ref ...) raise `ToolGrammarError` naming the keyword, so that a call the grammar
+lets through always validates.
 """
 
 from __future__ import annotations
 
 import json
 
-STRING = r"/[^<]{0,200}/"  # a string's text: no marker can start inside it
+MAX_STRING = 200  # characters of a string argument whose schema sets no maxLength
 NUMBER = r"/-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,8})?([eE][-+]?[0-9]{1,3})?/"
 INTEGER = r"/-?(0|[1-9][0-9]{0,15})/"
 IGNORED = {"description", "title", "default", "examples", "$schema", "additionalProperties", "strict"}
-SUPPORTED = {"type", "enum", "properties", "required", "items", "anyOf", "oneOf"}
+SUPPORTED = {"type", "enum", "properties", "required", "items", "anyOf", "oneOf", "minLength", "maxLength"}
 
 
 class ToolGrammarError(ValueError):
@@ -61,8 +62,9 @@ class _Builder:
         kind = schema.get("type")
         if isinstance(kind, list):
             return self.rule(" | ".join(self.value({**schema, "type": k}, where) for k in kind))
-        if kind == "string":
-            return self.rule(f"{self.q} {STRING} {self.q}")
+        if kind == "string":  # its text: no marker can start inside it
+            lo, hi = int(schema.get("minLength", 0)), int(schema.get("maxLength", MAX_STRING))
+            return self.rule(f"{self.q} /[^<]{{{lo},{hi}}}/ {self.q}")
         if kind == "number":
             return self.rule(NUMBER)
         if kind == "integer":

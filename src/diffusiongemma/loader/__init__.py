@@ -9,6 +9,7 @@ tokenizer (a random checkpoint, ids only) loads too; then `tokenizer` and `templ
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,12 @@ class Checkpoint:
 
         video = self.tokenizer.token_id(VIDEO_TOKEN) if self.tokenizer is not None else None
         return (self.config.image_token_id,) + ((video,) if video is not None else ())
+
+
+def default_model_dir() -> str:
+    """The model every command uses when none is given: $DIFFUSIONGEMMA_MODEL, else the one shipped in the repo."""
+    env = os.environ.get("DIFFUSIONGEMMA_MODEL")
+    return env or str(Path(__file__).resolve().parents[3] / "models" / "diffusiongemma-tiny")
 
 
 def processor_config(path: Path | None, vision: VisionConfig) -> dict:
@@ -112,5 +119,5 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     return ck
 
 
-__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "build_text_model", "load", "processor_config", "save",
-           "vision_shapes"]
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "build_text_model", "default_model_dir", "load",
+           "processor_config", "save", "vision_shapes"]
