@@ -85,3 +85,15 @@ def shipped_model_dir():
 @pytest.fixture(scope="session")
 def shipped_or_tiny_model_dir(tiny_text_model_dir):
     return SHIPPED if (SHIPPED / "model.safetensors").is_file() else tiny_text_model_dir
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """A damped random reference model with peaked outputs (see hf_utils.make_hf_model), canvas 16, stop ids
+    1, 2, 3, saved and loaded: (the transformers model, our checkpoint)."""
+    import diffusiongemma as dg
+    from hf_utils import make_hf_model, save_hf
+
+    hf = make_hf_model(0, logit_gain=8.0, sc_gain=0.1)
+    path = save_hf(hf, tmp_path_factory.mktemp("pair") / "m", generation={"eos_token_id": [1, 2, 3]})
+    return hf, dg.load(path)

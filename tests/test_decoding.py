@@ -12,16 +12,9 @@ import torch
 import diffusiongemma as dg
 from diffusiongemma.engine import DraftEvent, Engine, RequestError, SamplingParams
 from diffusiongemma.generation import Generator, OutputOptions
-from hf_utils import make_hf_model, save_hf
 
 STOPS = [1, 2, 3]
 
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf_model(0, logit_gain=8.0, sc_gain=0.1)
-    path = save_hf(hf, tmp_path_factory.mktemp("dec") / "m", generation={"eos_token_id": STOPS})
-    return hf, dg.load(path)
 
 
 def test_truncate_takes_tokens_back_on_every_layer_kind(pair):

@@ -23,13 +23,6 @@ from hf_utils import make_hf_model, save_hf
 STOPS = [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A damped random model with peaked outputs (see hf_utils.make_hf_model), canvas 16."""
-    hf = make_hf_model(0, logit_gain=8.0, sc_gain=0.1)
-    path = save_hf(hf, tmp_path_factory.mktemp("eng") / "m", generation={"eos_token_id": STOPS})
-    return hf, dg.load(path)
-
 
 def test_engine_equals_reference_generator(pair):
     _, ck = pair
