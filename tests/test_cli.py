@@ -31,6 +31,22 @@ def test_generate_speculative_json(tiny_text_model_dir):
     assert st["tokens_per_pass"] > 0
 
 
+def test_generate_json_schema(tiny_text_model_dir, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = run("generate", "Give n", "--model", str(tiny_text_model_dir), "--max-tokens", "24", "--seed", "1", "--json",
+            "--json-schema", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["finish_reason"] == "stop" and 0 <= json.loads(out["text"])["n"] <= 9
+    assert out["stats"]["decoding"] == "speculative"
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "frob"}))
+    r = run("generate", "x", "--model", str(tiny_text_model_dir), "--json-schema", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "response_format schema is not supported" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_generate_messages_file_thinking_and_canvas_view(tiny_text_model_dir, tmp_path):
     msgs = tmp_path / "m.json"
     msgs.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]))
