@@ -19,11 +19,13 @@ def running_server(model_dir, **settings):
     import uvicorn
 
     import diffusiongemma as dg
-    from diffusiongemma.server.app import ServerSettings, create_app
+    from diffusiongemma.server.app import Limits, ServerSettings, create_app, uvicorn_config
 
+    if "max_tokens" in settings:
+        settings["limits"] = Limits(max_tokens=settings.pop("max_tokens"))
     app = create_app(dg.load(model_dir, dtype="float32"), ServerSettings(**settings))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):

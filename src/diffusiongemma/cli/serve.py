@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
+from pathlib import Path
 
 from .common import CLIError, add_model_args, load_model, positive_int, run_cli
 
@@ -21,32 +21,51 @@ def _is_loopback(host: str) -> bool:
 def _main(argv) -> int:
     import uvicorn
 
-    from ..server.app import ServerSettings, create_app
+    from ..server.app import Limits, ServerSettings, create_app, uvicorn_config
 
     ap = argparse.ArgumentParser(prog="diffusiongemma serve", description=__doc__)
     add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    ap.add_argument("--allow-no-key", action="store_true",
+                    help="serve beyond loopback without --api-key (anyone who reaches the address can use it)")
     ap.add_argument("--served-model-name", help="model id reported by /v1/models (default: directory name)")
     ap.add_argument("--max-concurrent", type=positive_int, default=16, help="requests in flight; more get 429")
     ap.add_argument("--max-batch", type=positive_int, default=8, help="requests denoising together")
     ap.add_argument("--max-prompt-tokens", type=positive_int, default=8192)
     ap.add_argument("--max-tokens", type=positive_int, default=4096, help="largest max_tokens a request may ask")
-    ap.add_argument("--allow-local-images", action="store_true",
-                    help="let image parts name local files (data: URLs always work; network URLs never)")
+    ap.add_argument("--max-denoising-steps", type=positive_int, default=256,
+                    help="largest step cap (and schedule length) per canvas a request may ask")
+    ap.add_argument("--max-stability", type=positive_int, default=16,
+                    help="largest stability_threshold a request may ask")
+    ap.add_argument("--request-timeout", type=positive_int, default=600,
+                    help="seconds a request may run before it is cancelled (504)")
+    ap.add_argument("--max-connections", type=positive_int, default=64, help="open connections; more get 503")
+    ap.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
+                    help="let image parts name files under DIR (repeatable; data: URLs always work, network URLs "
+                         "never)")
     a = ap.parse_args(argv)
-    if not _is_loopback(a.host) and not a.api_key:
-        logging.getLogger("diffusiongemma.server").warning(
-            "serving on %s without --api-key: anyone who can reach this address can use the model", a.host)
+    exposed = not _is_loopback(a.host)
+    if exposed and not a.api_key and not a.allow_no_key:
+        raise CLIError(f"serving on {a.host} needs --api-key (or --allow-no-key to let anyone who can reach it in)")
+    dirs = tuple(Path(d) for d in a.allow_local_images)
+    for d in dirs:
+        if not d.is_dir():
+            raise CLIError(f"--allow-local-images {d}: not a directory")
     ck = load_model(a)
+    limits = Limits(max_tokens=a.max_tokens, max_denoising_steps=a.max_denoising_steps,
+                    max_stability_threshold=a.max_stability)
     settings = ServerSettings(max_concurrent=a.max_concurrent, max_batch=a.max_batch,
-                              max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, api_key=a.api_key,
-                              allow_local_images=a.allow_local_images, compile=a.compile)
+                              max_prompt_tokens=a.max_prompt_tokens, limits=limits,
+                              request_timeout_s=float(a.request_timeout), max_connections=a.max_connections,
+                              api_key=a.api_key, exposed=exposed, image_dirs=dirs, compile=a.compile)
     app = create_app(ck, settings, a.served_model_name)
-    print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (OpenAI API under /v1)")
+    if a.compile:
+        print("compiling the engine step before serving (30-90 s) ...")
+    print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (the page; the OpenAI API under /v1)")
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+        uvicorn.Server(uvicorn_config(app, a.host, a.port)).run()
     except OSError as e:
         raise CLIError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
     return 0

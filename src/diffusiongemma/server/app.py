@@ -4,6 +4,12 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET 
 at / (static files under /static). Streaming is server-sent events in the OpenAI chunk format; with
 `stream_options.include_draft` the stream also carries draft frames, chunks with empty `choices` and
 a `draft` object per denoising step (canvas text per position, accepted flags, entropies, step).
+
+What runs where: the event loop only moves bytes. Parsing the JSON body, checking it, templating,
+tokenizing and decoding images run in worker threads, behind limits checked before the work (the body's
+size before it is read, the text's size before it is tokenized: a prompt that cannot fit is refused
+without tokenizing it); the engine runs on its own thread (`runner`). Every error is an OpenAI error
+object, on every route; no input makes a 500 (a property-based test throws random JSON at every field).
 """
 
 from __future__ import annotations
@@ -11,23 +17,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.exceptions import HTTPException
 
-from ..engine import DraftEvent, RequestError
-from ..generation import Generator, Result
+from ..engine import RequestError
+from ..generation import Generator
 from ..text.chat import ChatError
 from ..text.media import MediaPolicy
-from ..text.parser import Delta
 from ..vision.preprocess import ImageError
-from .protocol import APIError, new_id, now, parse_request, usage
+from .errors import APIError
+from .protocol import Limits, fit_max_tokens, parse_request
+from .responses import Watch, drain, final_json, sse
 from .runner import EngineFailure, EngineRunner
+from .schema import validate
+from .security import Guard, GuardedH11Protocol
 
 log = logging.getLogger("diffusiongemma.server")
+MAX_INT_DIGITS = 30  # an integer in a request body with more digits is refused (no field needs more)
 
 
 @dataclass
@@ -35,53 +46,65 @@ class ServerSettings:
     max_concurrent: int = 16  # requests in flight (running or queued); more get 429
     max_batch: int = 8  # requests denoising together
     max_prompt_tokens: int = 8192
-    max_tokens: int = 4096
+    limits: Limits = field(default_factory=Limits)  # max_tokens, step caps a request may ask for
+    request_timeout_s: float = 600.0  # a request still running after this is cancelled (504)
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the whole body must arrive within this
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    max_connections: int = 64  # open connections; more get 503 (uvicorn's limit_concurrency)
     api_key: str | None = None
-    allow_local_images: bool = False  # image parts may name local files (never network URLs)
+    exposed: bool = False  # bound beyond loopback: no Host / Origin check (a key is then required by serve)
+    image_dirs: tuple[Path, ...] = ()  # directories image parts may name files under (never network URLs)
+    max_image_bytes: int = 16 * 1024 * 1024
     compile: bool = False  # the compiled step runner (Engine(runner="compiled")), warmed up before serving
 
 
 def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-class _Guard(BaseHTTPMiddleware):
-    """API key (when configured) and body size limit, before any handler runs."""
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer with more than {MAX_INT_DIGITS} digits")
+    return int(text)
 
-    def __init__(self, app, settings: ServerSettings):
-        super().__init__(app)
-        self.s = settings
 
-    async def dispatch(self, request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if self.s.api_key and request.headers.get("authorization") != f"Bearer {self.s.api_key}":
-                return _error(APIError(401, "missing or wrong API key", code="invalid_api_key",
-                                       type_="authentication_error"))
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.s.max_body_bytes:
-                return _error(APIError(413, f"request body of {length} bytes exceeds the limit of "
-                                            f"{self.s.max_body_bytes}", code="request_too_large"))
-        return await call_next(request)
+def _load_json(raw: bytes):
+    try:
+        return json.loads(raw, parse_int=_parse_int)
+    except RecursionError:
+        raise APIError(400, "invalid JSON body: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"invalid JSON body: {e}") from None
+
+
+def _text_bytes(value) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    return 0
 
 
 def create_app(checkpoint, settings: ServerSettings | None = None, model_name: str | None = None) -> FastAPI:
     """The app serving a `load()`ed checkpoint (with its tokenizer)."""
-    settings = settings or ServerSettings()
+    s = settings or ServerSettings()
     name = model_name or checkpoint.name
-    gen = Generator(checkpoint, max_batch=settings.max_batch,
-                    max_context=checkpoint.config.text.max_position_embeddings,
-                    runner="compiled" if settings.compile else "eager")
+    gen = Generator(checkpoint, max_batch=s.max_batch, max_context=checkpoint.config.text.max_position_embeddings,
+                    runner="compiled" if s.compile else "eager")
     engine, tokenizer = gen.engine, gen.tokenizer
-    media_policy = MediaPolicy(allow_local_paths=settings.allow_local_images)
-    runner = EngineRunner(gen, settings.max_concurrent)
-    app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None)
-    app.add_middleware(_Guard, settings=settings)
-    app.state.runner, app.state.settings, app.state.model_name = runner, settings, name
+    media = MediaPolicy(allow_local_paths=bool(s.image_dirs), roots=tuple(s.image_dirs), max_bytes=s.max_image_bytes)
+    runner = EngineRunner(gen, s.max_concurrent)
+    token_bytes = max(len(t.encode("utf-8")) for t in tokenizer.tk.get_vocab())  # the most text one token holds
+    app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, settings=s)
+    app.state.runner, app.state.settings, app.state.model_name = runner, s, name
 
     @app.on_event("startup")
     async def _start():
-        if settings.compile:  # compile before the first request, not during it
+        if s.compile:  # compile before the first request, not during it
             say = logging.getLogger("uvicorn.error")  # shown at uvicorn's log level, beside its own startup lines
             say.info("compiling the engine step (once, before serving) ...")
             say.info("compiled and warmed up in %.0f s", engine.warm_up())
@@ -94,6 +117,11 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
         return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):  # unknown routes, wrong methods: OpenAI errors too
+        return _error(APIError(e.status_code, str(e.detail).lower(), code="not_found" if e.status_code == 404 else None,
+                               headers=dict(e.headers or {})))
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
@@ -116,180 +144,96 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
     async def static(path: str):
         kinds = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".png": "image/png"}
         suffix = path[path.rfind("."):] if "." in path else ""
-        if "/" in path or suffix not in kinds:
-            raise APIError(404, "not found", type_="not_found_error")
+        if "/" in path or "\\" in path or path.startswith(".") or suffix not in kinds:
+            raise APIError(404, "not found", code="not_found")
         try:
             data = resources.files("diffusiongemma.server").joinpath("static", path).read_bytes()
         except (FileNotFoundError, OSError):
-            raise APIError(404, "not found", type_="not_found_error") from None
+            raise APIError(404, "not found", code="not_found") from None
         return Response(data, media_type=kinds[suffix])
 
-    async def _body(request: Request):
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            raise APIError(413, "request body too large", code="request_too_large")
+    def _prepare(raw: bytes, kind: str):
+        """In a worker thread: the body checked, mapped to settings, and its prompt built (templated,
+        tokenized, images decoded), with the prompt's size bounded before it is tokenized."""
+        body = validate(_load_json(raw), kind)
+        parsed = parse_request(body, kind, checkpoint.generation_config, name, s.limits)
+        text = body.get("messages") if kind == "chat" else body.get("prompt")
+        if _text_bytes(text) + _text_bytes(body.get("tools")) > s.max_prompt_tokens * token_bytes:
+            raise APIError(400, f"the prompt cannot fit in this server's limit of {s.max_prompt_tokens} tokens",
+                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"invalid JSON body: {e}") from None
-
-    def _submit(prompt, parsed):
-        if len(prompt.ids) > settings.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(prompt.ids)} tokens, more than this server's limit of "
-                                f"{settings.max_prompt_tokens}", param="messages", code="context_length_exceeded")
-        if runner.in_flight >= settings.max_concurrent:
-            raise APIError(429, f"too many requests in flight ({settings.max_concurrent}); retry later",
-                           code="rate_limit_exceeded", type_="rate_limit_error")
-        try:
-            return runner.submit(prompt, parsed.params, parsed.options)
-        except RequestError as e:
-            raise APIError(400, str(e), param=e.param,
-                           code="context_length_exceeded" if "context" in str(e) else None) from None
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await _body(request)
-        parsed = parse_request(body, "chat", checkpoint.generation_config, name, settings.max_tokens)
-        try:
-            prompt = gen.chat(body.get("messages"), parsed.tools, parsed.thinking, media_policy, parsed.tool_choice)
+            if kind == "chat":
+                prompt = gen.chat(body["messages"], parsed.tools, parsed.thinking, media, parsed.tool_choice)
+            else:
+                p = body["prompt"]
+                if isinstance(p, list):
+                    if len(p) != 1:
+                        raise APIError(400, "prompt must be one string (one prompt per request)", param="prompt")
+                    p = p[0]
+                if not p:
+                    raise APIError(400, "prompt must be a non-empty string", param="prompt")
+                prompt = gen.text(p)
         except ChatError as e:
             msg = str(e)
             param = "tool_choice" if msg.startswith("tool_choice") else "tools" if "tools" in msg else "messages"
             raise APIError(400, msg, param=param) from None
         except ImageError as e:
             raise APIError(400, f"invalid image: {e}", param="messages", code="invalid_image") from None
-        rid, queue = _submit(prompt, parsed)
-        return await _respond(request, rid, queue, parsed, "chat")
+        if len(prompt.ids) > s.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt.ids)} tokens, more than this server's limit of "
+                                f"{s.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+        fit_max_tokens(parsed, len(prompt.ids), engine.max_context, engine.canvas_length,
+                       checkpoint.generation_config, s.limits)
+        return parsed, prompt
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _body(request)
-        parsed = parse_request(body, "completion", checkpoint.generation_config, name, settings.max_tokens)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "prompt must be a non-empty string (one prompt per request)", param="prompt")
-        rid, queue = _submit(gen.text(prompt), parsed)
-        return await _respond(request, rid, queue, parsed, "completion")
-
-    async def _respond(request, rid, queue, parsed, kind):
-        cid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        created = now()
+    async def _handle(request: Request, kind: str):
+        raw = await request.body()  # already read and bounded by the guard
+        parsed, prompt = await asyncio.to_thread(_prepare, raw, kind)
+        if runner.in_flight >= s.max_concurrent:
+            raise APIError(429, f"too many requests in flight ({s.max_concurrent}); retry later",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        try:
+            rid, queue = runner.submit(prompt, parsed.params, parsed.options)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param,
+                           code="context_length_exceeded" if "context" in str(e) else None) from None
+        watch = Watch(request, queue, lambda: runner.cancel(rid), s.request_timeout_s)
         if parsed.stream:
-            return StreamingResponse(_sse(request, rid, queue, parsed, kind, cid, created),
+            return StreamingResponse(sse(watch, kind, name, parsed.include_usage, tokenizer),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
-            result = await _drain(queue)
+            result = await drain(watch)
+        except ConnectionAbortedError:
+            return Response(status_code=499)  # nobody is listening; the request was cancelled
         except BaseException:
             runner.cancel(rid)
             raise
-        return _final(result, kind, cid, created)
+        return final_json(result, kind, name)
 
-    async def _drain(queue) -> Result:
-        while True:
-            out = await queue.get()
-            if isinstance(out, Exception):
-                raise APIError(500, str(out), type_="server_error")
-            if isinstance(out, Result):
-                return out
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _handle(request, "chat")
 
-    def _finish_reason(result: Result, kind: str) -> str:
-        return result.chat_finish_reason if kind == "chat" else result.finish_reason
-
-    def _final(result: Result, kind, cid, created):
-        if kind == "completion":
-            return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "text": result.content, "finish_reason": result.finish_reason,
-                                 "logprobs": None}], "usage": usage(result.stats)}
-        msg = {"role": "assistant", "content": result.content or (None if result.tool_calls else "")}
-        if result.reasoning:
-            msg["reasoning_content"] = result.reasoning
-        if result.tool_calls:
-            msg["tool_calls"] = [_call_json(c, i) for i, c in enumerate(result.tool_calls)]
-        choice = {"index": 0, "message": msg, "finish_reason": result.chat_finish_reason, "logprobs": None}
-        if result.tool_call_errors:
-            choice["tool_call_errors"] = result.tool_call_errors
-        return {"id": cid, "object": "chat.completion", "created": created, "model": name, "choices": [choice],
-                "usage": usage(result.stats)}
-
-    async def _sse(request, rid, queue, parsed, kind, cid, created):
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        n_calls = 0
-
-        def chunk(delta=None, finish=None, **extra):
-            if kind == "chat":
-                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                     "logprobs": None}]
-            else:
-                choices = [] if delta is None else [{"index": 0, "text": delta.get("content", ""),
-                                                     "finish_reason": finish, "logprobs": None}]
-            return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": name,
-                                          "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
-
-        def delta_chunk(d: Delta):
-            nonlocal n_calls
-            if d.kind == "content":
-                return chunk({"content": d.text})
-            if d.kind == "reasoning" and kind == "chat":
-                return chunk({"reasoning_content": d.text})
-            if d.kind == "tool_call" and kind == "chat":
-                n_calls += 1
-                return chunk({"tool_calls": [_call_json(d.call, n_calls - 1, delta=True)]})
-            return None
-
-        finished = False
-        try:
-            if kind == "chat":
-                yield chunk({"role": "assistant", "content": ""})
-            while True:
-                try:
-                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if isinstance(out, Exception):
-                    finished = True
-                    yield "data: " + json.dumps(APIError(500, str(out), type_="server_error").body()) + "\n\n"
-                    return
-                if isinstance(out, DraftEvent):
-                    yield chunk(draft=_draft(out))
-                elif isinstance(out, Delta):
-                    c = delta_chunk(out)
-                    if c is not None:
-                        yield c
-                elif isinstance(out, Result):
-                    finished = True
-                    yield chunk({}, finish=_finish_reason(out, kind))
-                    if parsed.include_usage:
-                        yield chunk(usage=usage(out.stats))
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            if not finished:  # the client went away: stop generating and free the cache
-                runner.cancel(rid)
-
-    def _draft(ev: DraftEvent) -> dict:
-        ids = ev.argmax.tolist()
-        return {"request": ev.request_id, "canvas": ev.canvas, "step": ev.step, "temperature": round(ev.temperature, 4),
-                "tokens": [tokenizer.decode([i]) for i in ids], "ids": ids,
-                "accepted": ev.accepted.tolist(), "entropy": [round(h, 3) for h in ev.entropy.tolist()],
-                "finished": ev.finished_denoising, "committed_tokens": ev.committed_tokens}
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, "completion")
 
     return app
 
 
-def _call_json(call, index: int, delta: bool = False) -> dict:
-    d = {"id": new_id("call"), "type": "function",
-         "function": {"name": call.name, "arguments": call.arguments_json()}}
-    if delta:
-        d["index"] = index
-    return d
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info"):
+    """uvicorn's configuration for the app: the guarded HTTP protocol (header deadline), the connection cap."""
+    import uvicorn
+
+    s = app.state.settings
+    protocol = type("Protocol", (GuardedH11Protocol,), {"header_timeout_s": s.header_timeout_s})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          limit_concurrency=s.max_connections, timeout_keep_alive=5,
+                          h11_max_incomplete_event_size=64 * 1024)
 
 
 def _static(name: str) -> str:
     return resources.files("diffusiongemma.server").joinpath("static", name).read_text()
 
 
-__all__ = ["EngineFailure", "ServerSettings", "create_app"]
+__all__ = ["EngineFailure", "Limits", "ServerSettings", "create_app", "uvicorn_config"]

@@ -145,12 +145,13 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise ChatError(f"messages[{i}].content must be a string or a list of parts")
         if isinstance(content, list):
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in ("text", "image", "image_url", "video"):
+                if not isinstance(part, dict) or part.get("type") not in ("text", "image", "image_url", "video",
+                                                                          "video_url"):
                     raise ChatError(f"messages[{i}].content[{j}] must be a text, image or video part")
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise ChatError(f"messages[{i}].content[{j}].text must be a string")
-                if part["type"] == "image_url":
-                    content[j] = {"type": "image"}
+                if part["type"] in ("image_url", "video_url"):
+                    content[j] = {"type": part["type"].removesuffix("_url")}
         if role == "assistant":
             for key in ("reasoning_content", "reasoning", "thinking"):
                 m.pop(key, None)

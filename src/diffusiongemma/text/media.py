@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from pathlib import Path
 
 from .chat import ChatError
 
@@ -20,9 +21,24 @@ KINDS = ("image", "image_url", "video", "video_url")
 @dataclass
 class MediaPolicy:
     """What image sources a caller may use: `data:` URLs and raw bytes always, local paths only when
-    allowed (the CLI allows them; the server only with --allow-local-images); never network URLs."""
+    allowed (the CLI allows them; the server only under the directories of --allow-local-images); never
+    network URLs. A local path must be a regular file of at most `max_bytes` under one of `roots` (any
+    directory when `roots` is empty); a missing file and a forbidden one get the same message."""
 
     allow_local_paths: bool = True
+    roots: tuple = ()
+    max_bytes: int = 64 * 1024 * 1024
+
+    def local(self, path: str, where: str) -> str:
+        refused = ChatError(f"{where}: no image at {path!r} that this server may read")
+        try:
+            p = Path(path).resolve(strict=True)
+            inside = not self.roots or any(p.is_relative_to(Path(r).resolve()) for r in self.roots)
+            if not inside or not p.is_file() or p.stat().st_size > self.max_bytes:
+                raise refused
+        except (OSError, ValueError, RuntimeError):
+            raise refused from None
+        return str(p)
 
 
 def extract_media(messages, policy: MediaPolicy, vision: bool) -> tuple[list, list[tuple[str, object]]]:
@@ -61,7 +77,9 @@ def _source(part: dict, kind: str, policy: MediaPolicy, where: str):
     if url is None:
         raise ChatError(f"{where}: the {kind} part has no image")
     if not isinstance(url, str):
-        return url  # bytes or a PIL image given directly
+        if isinstance(url, (bytes, bytearray, list, tuple)) or hasattr(url, "getbands"):
+            return url  # bytes, frames or a PIL image given directly (the Python API)
+        raise ChatError(f"{where}: the {kind} must be a URL string")
     if url.startswith("data:"):
         try:
             header, data = url.split(",", 1)
@@ -74,5 +92,5 @@ def _source(part: dict, kind: str, policy: MediaPolicy, where: str):
         raise ChatError(f"{where}: network URLs are not fetched; send the image as a data: URL")
     if not policy.allow_local_paths:
         raise ChatError(f"{where}: local file paths are not allowed here (start the server with "
-                        "--allow-local-images)")
-    return url.removeprefix("file://")
+                        "--allow-local-images DIR)")
+    return policy.local(url.removeprefix("file://"), where)
