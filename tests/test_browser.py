@@ -71,3 +71,28 @@ def test_page_shows_the_canvas_denoising_and_the_answer(browser, shipped_or_tiny
         out = SHOTS / "browser-view.png" if os.environ.get("DIFFUSIONGEMMA_SCREENSHOTS") else tmp_path / "view.png"
         browser.save_screenshot(str(out))
         assert out.stat().st_size > 10_000
+
+
+def test_page_works_with_an_api_key(browser, shipped_or_tiny_model_dir):
+    """With `serve --api-key` the page asks for the key once and sends it with every /v1 call."""
+    from selenium.webdriver.common.by import By
+
+    with running_server(shipped_or_tiny_model_dir, api_key="s3cret") as (url, _):
+        browser.get(url + "/")
+        deadline = time.time() + 30
+        while "API key" not in browser.find_element(By.ID, "model").text and time.time() < deadline:
+            time.sleep(0.05)
+        assert "API key" in browser.find_element(By.ID, "model").text  # the server said what is missing
+        box = browser.find_element(By.ID, "api-key")
+        box.send_keys("s3cret")
+        browser.find_element(By.ID, "prompt").click()  # the key box loses focus: its change is saved
+        browser.find_element(By.ID, "prompt").send_keys("Reverse the list: a b c")
+        browser.find_element(By.ID, "send").click()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            metas = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")
+            if metas and "tokens/forward" in metas[-1].text:
+                break
+            time.sleep(0.05)
+        assert "tokens/forward" in browser.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text
+        assert browser.execute_script("return localStorage.getItem('diffusiongemma-key')") == "s3cret"

@@ -96,6 +96,11 @@ def test_unreadable_messages_file(tiny_text_model_dir, tmp_path):
     assert r.returncode == 2 and "cannot read the messages file" in r.stderr
 
 
+def test_serving_beyond_loopback_needs_a_key(tiny_text_model_dir):
+    r = run("serve", "--model", str(tiny_text_model_dir), "--host", "0.0.0.0", "--port", "1")
+    assert r.returncode == 2 and "needs --api-key (or --allow-no-key" in r.stderr
+
+
 def test_unknown_command():
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr

@@ -2,6 +2,7 @@
 without draft frames, errors as OpenAI error objects, limits, cancellation."""
 
 import json
+import time
 
 import httpx
 import openai
@@ -150,13 +151,32 @@ def test_disconnect_cancels_and_frees(server):
             "stop": [], "max_denoising_steps": 48}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
-    import time
-
     for _ in range(200):
         if runner.in_flight == 0 and not runner.engine.has_work():
             break
         time.sleep(0.05)
     assert runner.in_flight == 0 and not runner.engine.has_work()
+
+
+def test_too_many_in_flight_is_a_429_with_retry_after(server):
+    import threading
+
+    url, app = server
+    long = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stop": [], "seed": 9,
+            "max_denoising_steps": 48, "confidence_threshold": 1e-30}
+    threads = [threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json=long, timeout=120))
+               for _ in range(4)]  # the server's limit is 4
+    for t in threads:
+        t.start()
+    for _ in range(200):
+        if app.state.runner.in_flight >= 4:
+            break
+        time.sleep(0.02)
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    for t in threads:
+        t.join()
 
 
 def test_page_is_served(server):
@@ -171,5 +191,9 @@ def test_api_key_required_when_configured(tiny_text_model_dir):
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/").status_code == 200  # the page itself is open: it asks for the key
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data

@@ -4,7 +4,17 @@ const $ = (id) => document.getElementById(id);
 const history = [];
 let frames = [], playing = null, busy = false;
 
-fetch("/v1/models").then(r => r.json()).then(j => { $("model").textContent = j.data[0].id; }).catch(() => {});
+// With `serve --api-key` every /v1 call needs the key: typed once, kept in this browser (localStorage).
+const keyBox = $("api-key");
+keyBox.value = localStorage.getItem("diffusiongemma-key") || "";
+const auth = () => keyBox.value ? { authorization: "Bearer " + keyBox.value } : {};
+function loadModel() {
+  fetch("/v1/models", { headers: auth() }).then(r => r.json()).then(j => {
+    $("model").textContent = j.data ? j.data[0].id : (j.error ? j.error.message : "");
+  }).catch(() => {});
+}
+keyBox.addEventListener("change", () => { localStorage.setItem("diffusiongemma-key", keyBox.value); loadModel(); });
+loadModel();
 
 function addMessage(role) {
   const el = document.createElement("div");
@@ -51,7 +61,7 @@ async function send(text) {
   let forwards = 0, answer = "", calls = [];
   try {
     const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "content-type": "application/json" },
+      method: "POST", headers: { "content-type": "application/json", ...auth() },
       body: JSON.stringify({ messages: history, stream: true, max_tokens: Number($("max-tokens").value) || 256,
                              enable_thinking: $("thinking").checked,
                              stream_options: { include_usage: true, include_draft: true } }) });
