@@ -36,14 +36,14 @@ def positive_int(s: str) -> int:
     return v
 
 
-def add_model_args(ap: argparse.ArgumentParser, runner: bool = True) -> None:
+def add_model_args(ap: argparse.ArgumentParser, runner: bool = True,
+                   compile_help: str = "compile the denoising step and commit with torch.compile: the first request "
+                                       "pays a compile of ~30-90 s, later steps run ~2x faster on a CPU") -> None:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the model shipped in the repo)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                     help="weight dtype (default float32; auto = the checkpoint's)")
     if runner:
-        ap.add_argument("--compile", action="store_true",
-                        help="compile the denoising step and commit with torch.compile: the first request pays "
-                             "a compile of ~30-90 s, later steps run ~2x faster on a CPU")
+        ap.add_argument("--compile", action="store_true", help=compile_help)
 
 
 def _setting(name: str):

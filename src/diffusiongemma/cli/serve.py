@@ -24,7 +24,8 @@ def _main(argv) -> int:
     from ..server.app import Limits, ServerSettings, create_app, uvicorn_config
 
     ap = argparse.ArgumentParser(prog="diffusiongemma serve", description=__doc__)
-    add_model_args(ap)
+    add_model_args(ap, compile_help="compile the denoising step and commit with torch.compile before serving "
+                                    "(~30-90 s at startup, then ~2x faster steps on a CPU)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
