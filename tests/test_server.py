@@ -179,6 +179,29 @@ def test_too_many_in_flight_is_a_429_with_retry_after(server):
         t.join()
 
 
+def test_metrics_and_the_request_log(server, client, name, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="diffusiongemma.requests")
+    client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], **SMALL)
+    httpx.post(server[0] + "/v1/chat/completions", json={"messages": "x"})
+    text = httpx.get(server[0] + "/metrics").text
+    assert 'diffusiongemma_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'diffusiongemma_requests_total{route="/v1/chat/completions",status="400"}' in text
+    for metric in ("diffusiongemma_generated_tokens_total", "diffusiongemma_decoder_forwards_total",
+                   "diffusiongemma_tokens_per_forward_bucket", "diffusiongemma_steps_per_canvas_bucket",
+                   "diffusiongemma_time_to_first_token_seconds_bucket", "diffusiongemma_engine_step_seconds_bucket",
+                   "diffusiongemma_in_flight", "diffusiongemma_waiting", "diffusiongemma_kv_cache_bytes"):
+        assert metric in text, metric
+    tokens = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("diffusiongemma_generated_tokens_total"))
+    assert tokens > 0
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "diffusiongemma.requests"]
+    ok = next(x for x in lines if x["status"] == 200)
+    assert ok["path"] == "/v1/chat/completions" and ok["completion_tokens"] > 0 and ok["id"].startswith("req-")
+    assert {"decoding", "finish_reason", "ttft_s", "seconds", "prompt_tokens"} <= set(ok)
+    assert any(x["status"] == 400 for x in lines)
+
+
 def test_page_is_served(server):
     r = httpx.get(server[0] + "/")
     assert r.status_code == 200 and "canvas" in r.text and "/static/app.js" in r.text

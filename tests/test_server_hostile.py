@@ -33,7 +33,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**40, 10**40) | s
 @pytest.fixture(scope="module")
 def server(shipped_model_dir, tmp_path_factory):
     images = tmp_path_factory.mktemp("images")
-    with running_server(shipped_model_dir, max_concurrent=4, max_tokens=256, request_timeout_s=1.0,
+    with running_server(shipped_model_dir, max_concurrent=4, max_tokens=256, request_timeout_s=60.0,
                         body_timeout_s=0.5, header_timeout_s=0.5, image_dirs=(images,)) as (url, app):
         yield url, app, images
 
@@ -137,12 +137,13 @@ def test_a_client_that_goes_away_frees_the_engine_within_a_step(server):
         assert _wait_idle(app, 1.0) < 1.0
 
 
-def test_a_request_past_the_time_limit_is_cancelled(server):
-    url, app, _ = server
-    t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/chat/completions", json=LONG, timeout=30)
-    assert r.status_code == 504 and _error_object(r)["code"] == "timeout" and time.perf_counter() - t0 < 3
-    _wait_idle(app, 1.0)
+def test_a_request_past_the_time_limit_is_cancelled(shipped_model_dir):
+    # a server of its own: a 1 s limit on the shared one fails slow hosts' ordinary requests (a video prompt)
+    with running_server(shipped_model_dir, max_tokens=256, request_timeout_s=1.0) as (url, app):
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/chat/completions", json=LONG, timeout=30)
+        assert r.status_code == 504 and _error_object(r)["code"] == "timeout" and time.perf_counter() - t0 < 3
+        _wait_idle(app, 1.0)
 
 
 def test_slow_and_half_sent_requests_are_dropped(server):

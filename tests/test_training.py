@@ -236,6 +236,8 @@ def test_golden_loss_curve(tmp_path):
     written = [json.loads(line) for line in (tmp_path / "run" / "loss_curve.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 6) for r in written] == curve
     assert dg.load(tmp_path / "run").model.config.vocab_size == 128  # saved in the release layout
+    png = tmp_path / "run" / "loss_curve.png"  # the curve drawn beside its numbers (matplotlib: the plot extra)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
 
 
 def test_resume_continues_the_same_curve(tmp_path):

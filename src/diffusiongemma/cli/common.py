@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 from ..engine import SETTINGS, DraftEvent, RequestError, SamplingParams
 from ..generation import Generator, OutputOptions, Result
@@ -39,7 +37,10 @@ def positive_int(s: str) -> int:
 def add_model_args(ap: argparse.ArgumentParser, runner: bool = True,
                    compile_help: str = "compile the denoising step and commit with torch.compile: the first request "
                                        "pays a compile of ~30-90 s, later steps run ~2x faster on a CPU") -> None:
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: the model shipped in the repo)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory, or a model id (org/name) in the local Hugging Face cache "
+                         "(default: the model shipped in the repo)")
+    ap.add_argument("--revision", help="with a model id: the branch, tag or commit in the cache")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                     help="weight dtype (default float32; auto = the checkpoint's)")
     if runner:
@@ -78,10 +79,7 @@ def output_options(a) -> OutputOptions:
 def load_model(a, vision: bool | None = None):
     import diffusiongemma as dg
 
-    path = a.model or default_model_dir()
-    if not Path(path).is_dir():
-        raise CLIError(f"model directory {path} does not exist")
-    return dg.load(path, dtype=a.dtype, vision=vision)
+    return dg.load(a.model or default_model_dir(), dtype=a.dtype, vision=vision, revision=a.revision)
 
 
 def make_generator(a, ck, **engine_kw) -> Generator:
@@ -183,25 +181,36 @@ def media_parts(a) -> list[dict]:
 
 def run_request(gen: Generator, prompt, params: SamplingParams, options: OutputOptions, show_canvas: bool,
                 on_deltas=None) -> Result:
-    """Run one request to the end, showing its canvas (or a progress line on a terminal) and handing its text
+    """Run one request to the end, showing its canvas (or a progress bar on a terminal) and handing its text
     deltas to `on_deltas` as they commit; returns its Result."""
     view = CanvasView(gen.tokenizer) if show_canvas else None
-    progress = sys.stderr.isatty() and not view
-    t0 = time.perf_counter()
-    for out in gen.stream(prompt, params, options):
-        if isinstance(out, DraftEvent):
-            if view:
-                view.show(out)
-            elif progress:
-                sys.stderr.write(f"\r[canvas {out.canvas} step {out.step + 1}] {out.committed_tokens} tokens "
-                                 f"{out.committed_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
-                sys.stderr.flush()
-            if out.finished_denoising and view:
-                view.committed()
-        elif isinstance(out, Result):
-            if progress:
-                sys.stderr.write("\r\x1b[K")
-            return out
-        elif on_deltas:
-            on_deltas([out])
+    bar = _progress() if not view else None
+    try:
+        for out in gen.stream(prompt, params, options):
+            if isinstance(out, DraftEvent):
+                if view:
+                    view.show(out)
+                    if out.finished_denoising:
+                        view.committed()
+                elif bar is not None:
+                    bar.set_description(f"canvas {out.canvas} step {out.step + 1}", refresh=False)
+                    bar.update(out.committed_tokens - bar.n)
+            elif isinstance(out, Result):
+                return out
+            elif on_deltas:
+                on_deltas([out])
+    finally:
+        if bar is not None:
+            bar.close()
     raise CLIError("generation ended without a result")
+
+
+def _progress():
+    """A transient tqdm bar of committed tokens on a terminal (None elsewhere, or without tqdm)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit="tok", leave=False, dynamic_ncols=True, file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 from pathlib import Path
 
 from .common import CLIError, add_model_args, load_model, positive_int, run_cli
@@ -43,6 +44,8 @@ def _main(argv) -> int:
     ap.add_argument("--request-timeout", type=positive_int, default=600,
                     help="seconds a request may run before it is cancelled (504)")
     ap.add_argument("--max-connections", type=positive_int, default=64, help="open connections; more get 503")
+    ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                    help="log level (info writes one JSON line per API request; /metrics has Prometheus metrics)")
     ap.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
                     help="let image parts name files under DIR (repeatable; data: URLs always work, network URLs "
                          "never)")
@@ -65,8 +68,9 @@ def _main(argv) -> int:
     if a.compile:
         print("compiling the engine step before serving (30-90 s) ...")
     print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (the page; the OpenAI API under /v1)")
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        uvicorn.Server(uvicorn_config(app, a.host, a.port)).run()
+        uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level=a.log_level)).run()
     except OSError as e:
         raise CLIError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
     return 0

@@ -130,6 +130,14 @@ class Engine:
     def num_active(self) -> int:
         return len(self._active)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the active requests' KV caches (read from any thread: an approximate snapshot)."""
+        return sum(r.cache.nbytes() for r in list(self._active) if r.cache is not None)
+
     # -- the loop --------------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd bookkeeping on any op of the step
     def step(self) -> list[Event]:

@@ -84,15 +84,41 @@ def processor_config(path: Path | None, vision: VisionConfig) -> dict:
     return proc
 
 
+def resolve(model: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory, or a Hugging Face model id (`org/name`) found in the local Hugging Face cache
+    (offline: `local_files_only`; `HF_HOME` / `HF_HUB_CACHE` honoured; `revision` a branch, tag or commit).
+    Nothing is ever downloaded."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or path.exists():
+        raise CheckpointError(f"model directory {path} does not exist")
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(f"{name} is neither a directory nor resolvable: model ids need huggingface_hub "
+                              "(pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        where = f"revision {revision!r} of " if revision else ""
+        raise CheckpointError(
+            f"{where}model {name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and is not a "
+            f"directory; nothing is downloaded at run time: place it there (huggingface-cli download {name}, on a "
+            f"machine with network, then copy the cache) or give the checkpoint's directory ({e.__class__.__name__})"
+        ) from None
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-         vision: bool | None = None, text: bool | None = None) -> Checkpoint:
-    """Load a checkpoint directory. Errors name the file, key and shapes involved.
+         vision: bool | None = None, text: bool | None = None, revision: str | None = None) -> Checkpoint:
+    """Load a checkpoint directory, or a model id from the local Hugging Face cache (`resolve`). Errors name
+    the file, key and shapes involved.
 
     vision: load the vision tower (None: when the checkpoint has one; True: an error if it has none).
     text: load the tokenizer and chat template (None: when the directory has tokenizer.json)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist")
+    path = resolve(path, revision)
     config = ModelConfig.from_file(path / "config.json")
     gen_file = path / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig(
@@ -120,4 +146,4 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
 
 
 __all__ = ["Checkpoint", "CheckpointError", "ConfigError", "build_text_model", "default_model_dir", "load",
-           "processor_config", "save", "vision_shapes"]
+           "processor_config", "resolve", "save", "vision_shapes"]

@@ -31,6 +31,7 @@ from ..text.chat import ChatError
 from ..text.media import MediaPolicy
 from ..vision.preprocess import ImageError
 from .errors import APIError
+from .metrics import Metrics, Observe
 from .protocol import Limits, fit_max_tokens, parse_request
 from .responses import Watch, drain, final_json, sse
 from .runner import EngineFailure, EngineRunner
@@ -97,9 +98,13 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
     engine, tokenizer = gen.engine, gen.tokenizer
     media = MediaPolicy(allow_local_paths=bool(s.image_dirs), roots=tuple(s.image_dirs), max_bytes=s.max_image_bytes)
     runner = EngineRunner(gen, s.max_concurrent)
+    metrics = _metrics(runner)
+    if metrics is not None:
+        runner.on_result, runner.on_step = metrics.finished, metrics.step.observe
     token_bytes = max(len(t.encode("utf-8")) for t in tokenizer.tk.get_vocab())  # the most text one token holds
     app = FastAPI(title="diffusiongemma", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, settings=s)
+    app.add_middleware(Observe, metrics=metrics)  # outermost: it sees the guard's refusals too
     app.state.runner, app.state.settings, app.state.model_name = runner, s, name
 
     @app.on_event("startup")
@@ -131,6 +136,12 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "in_flight": runner.in_flight}
+
+    @app.get("/metrics")
+    async def prometheus():
+        if metrics is None:
+            raise APIError(404, "metrics need prometheus-client (pip install prometheus-client)", code="not_found")
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -197,7 +208,7 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
         except RequestError as e:
             raise APIError(400, str(e), param=e.param,
                            code="context_length_exceeded" if "context" in str(e) else None) from None
-        watch = Watch(request, queue, lambda: runner.cancel(rid), s.request_timeout_s)
+        watch = Watch(request, queue, lambda: runner.cancel(rid), s.request_timeout_s, rid)
         if parsed.stream:
             return StreamingResponse(sse(watch, kind, name, parsed.include_usage, tokenizer),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -219,6 +230,14 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
         return await _handle(request, "completion")
 
     return app
+
+
+def _metrics(runner):
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return None
+    return Metrics(runner)
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info"):

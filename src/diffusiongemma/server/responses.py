@@ -11,6 +11,7 @@ from ..engine import DraftEvent
 from ..generation import Result
 from ..text.parser import Delta
 from .errors import APIError
+from .metrics import generation_log
 from .protocol import new_id, now, usage
 
 
@@ -50,8 +51,8 @@ def final_json(result: Result, kind: str, name: str) -> dict:
 class Watch:
     """One request's output queue, read while watching the client and the clock."""
 
-    def __init__(self, request, queue: asyncio.Queue, cancel, timeout_s: float):
-        self.request, self.queue, self.cancel = request, queue, cancel
+    def __init__(self, request, queue: asyncio.Queue, cancel, timeout_s: float, rid: str = ""):
+        self.request, self.queue, self.cancel, self.rid = request, queue, cancel, rid
         self.deadline = asyncio.get_running_loop().time() + timeout_s
         self.timeout_s = timeout_s
         self._gone = asyncio.ensure_future(self._disconnect())
@@ -71,6 +72,8 @@ class Watch:
             if isinstance(out, Exception):
                 self.close()
                 raise APIError(500, str(out), type_="server_error")
+            if isinstance(out, Result):  # the request log's details (metrics.Observe writes the line)
+                self.request.scope.setdefault("state", {})["log"] = generation_log(self.rid, out)
             return out
         get.cancel()
         self.cancel()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from ..engine import SamplingParams
 from ..generation import Generator, OutputOptions, Prompt, Result
@@ -25,7 +26,9 @@ class EngineFailure(RuntimeError):
 
 
 class EngineRunner:
-    def __init__(self, generator: Generator, max_concurrent: int = 32):
+    def __init__(self, generator: Generator, max_concurrent: int = 32, on_result=None, on_step=None):
+        """on_result(stats), on_step(seconds): called on the engine thread (the server's metrics)."""
+        self.on_result, self.on_step = on_result, on_step
         self.generator = generator
         self.engine = generator.engine
         self.max_concurrent = max_concurrent
@@ -92,7 +95,10 @@ class EngineRunner:
                 if self._stop:
                     return
             try:
+                t0 = time.perf_counter()
                 outputs = self.generator.step()
+                if self.on_step is not None:
+                    self.on_step(time.perf_counter() - t0)
             except Exception as e:  # keep serving: fail the running requests, drop them
                 log.exception("engine step failed")
                 for rid in self.generator.fail_all():
@@ -103,4 +109,6 @@ class EngineRunner:
                     log.exception("engine cleanup failed")
                 continue
             for rid, out in outputs:
+                if isinstance(out, Result) and self.on_result is not None:
+                    self.on_result(out.stats)
                 self._deliver(rid, out)

@@ -138,8 +138,9 @@ class Trainer:
         if self.step == 0 and curve_path.exists():
             curve_path.unlink()
         rows, t0, tokens = [], time.perf_counter(), 0
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        bar = _progress(cfg.progress, self.step, cfg.steps)
         with curve_path.open("a") as curve:
-            end = min(cfg.steps, cfg.stop_after or cfg.steps)
             while self.step < end:
                 parts = self.train_step(self.step)
                 self.step += 1
@@ -147,17 +148,65 @@ class Trainer:
                 rows.append({"step": self.step, **parts})
                 curve.write(json.dumps(rows[-1]) + "\n")
                 curve.flush()
-                if cfg.progress and (self.step % cfg.log_every == 0 or self.step == end):
-                    el = time.perf_counter() - t0
-                    done = self.step / cfg.steps
-                    bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
-                    sys.stderr.write(f"\r[{bar}] {self.step}/{cfg.steps} loss {parts['loss']:.3f} "
-                                     f"(diff {parts['diffusion']:.3f} ar {parts.get('ar', 0):.3f}) "
-                                     f"lr {parts['lr']:.2e} {tokens / el:,.0f} tok/s {el / 60:.1f} min")
-                    sys.stderr.flush()
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == end:
+                        bar.set_postfix(loss=f"{parts['loss']:.3f}", diff=f"{parts['diffusion']:.3f}",
+                                        ar=f"{parts.get('ar', 0):.3f}", lr=f"{parts['lr']:.1e}",
+                                        tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                     self.save()
-        if cfg.progress:
-            sys.stderr.write("\n")
+        if bar is not None:
+            bar.close()
         self.save()
+        plot_loss_curve(curve_path)
         return rows
+
+
+def _progress(enabled: bool, start: int, total: int):
+    """A tqdm bar on a terminal (None otherwise, or without tqdm: the curve file has every step)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def plot_loss_curve(curve_path: Path) -> Path | None:
+    """loss_curve.png beside loss_curve.jsonl (the total, diffusion and next-token losses by step), when
+    matplotlib is installed (the `plot` extra); returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in curve_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in rows]
+    w = max(1, len(rows) // 60)  # a moving average over ~1/60 of the run, over the raw values drawn faint
+    for key, label, color in (("loss", "total", "C0"), ("diffusion", "diffusion", "C1"),
+                              ("ar", "next-token (encoder)", "C2")):
+        if key in rows[0]:
+            ys = [r.get(key, math.nan) for r in rows]
+            ax.plot(steps, ys, color=color, alpha=0.25 if w > 1 else 1, linewidth=0.7)
+            if w > 1:
+                avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+                ax.plot(steps, avg, color=color, linewidth=1.4, label=f"{label} (mean of {w})")
+            else:
+                ax.lines[-1].set_label(label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training loss ({curve_path.parent.name})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = curve_path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
