@@ -263,9 +263,22 @@ def main(argv=None) -> int:
                          "the same path, so tokens per forward match and tokens/s compares like for like")
     ap.add_argument("--decoding", choices=["diffusion", "speculative", "autoregressive"], default="diffusion",
                     help="our side's decoding mode (the reference has only diffusion: its released sampler)")
+    ap.add_argument("--quant", choices=["int8", "int4", "fp8", "mixed"],
+                    help="a random checkpoint of --size written directly in this quantized format (cached), loaded "
+                         "memory-mapped, one canvas of --steps denoising steps: size, load time, peak memory, time "
+                         "per step and per commit (no reference side: see bench.release)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="with --quant: the int4 group size (default: the largest of 128, 64, 32 that fits the size)")
+    ap.add_argument("--profile", action="store_true", help="with --quant: the top operators of one decoder step")
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.quant:
+        from .release import run
+
+        if a.model:
+            ap.error("--quant writes its own random checkpoint of --size; quantize a model with diffusiongemma quantize")
+        return run(a, CACHE)
     model_dir = _checkpoint(a)
     a.model = str(model_dir)
     if a.max_tokens is None:

@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": ("diffusiongemma.bench.run", "benchmark against the reference implementation"),
     "train": ("diffusiongemma.cli.train", "train or fine-tune a model"),
     "eval": ("diffusiongemma.cli.eval", "evaluate a model on held-out task families"),
+    "quantize": ("diffusiongemma.cli.quantize", "quantize a checkpoint's weights (int8, int4, fp8, mixed)"),
     "random-checkpoint": ("diffusiongemma.cli.random_checkpoint", "write a random checkpoint of a named size"),
 }
 

@@ -94,6 +94,15 @@ def _finetune(a, out: Path):
     tok = ck.tokenizer
     data = JsonlData(a.data, tok, ck.template, seed=a.seed)
     steps = a.steps or 100
+    if a.base_quant:
+        from ..quant.codec import INT8, int4
+        from ..quant.convert import quantize_model
+
+        scheme = INT8 if a.base_quant == "int8" else int4(a.group_size)
+        try:  # experts and projections quantized and frozen; the embedding / LM head stays in full precision
+            quantize_model(model, experts=scheme, linear=scheme)
+        except ValueError as e:
+            raise SystemExit(f"diffusiongemma train: --base-quant {a.base_quant}: {e} (--group-size)") from None
     if a.lora:
         from ..training.lora import add_lora
 
@@ -103,7 +112,7 @@ def _finetune(a, out: Path):
                        warmup=min(50, steps // 10 + 1), stop_after=a.stop_after)
     tr = Trainer(model, ck.config, ck.generation_config, data, _objective(a, ck.config.canvas_length,
                  a.canvases_per_example or 1, a.ar_scope or "all"), tcfg, out, end_id=tok.require_id("<eos>"),
-                 pad_id=tok.require_id("<pad>"), save_extra=_copy_tokenizer(Path(a.model)))
+                 pad_id=tok.require_id("<pad>"), save_extra=_copy_tokenizer(Path(a.model)), save_base=not a.base_quant)
     if a.resume and tr.resume():
         print(f"resuming at step {tr.step}", file=sys.stderr)
     tr.run()
@@ -111,6 +120,11 @@ def _finetune(a, out: Path):
         from ..training.lora import ADAPTER, merge_lora
 
         merge_lora(model)  # once: the adapters leave the model
+        if a.base_quant:  # the merged checkpoint holds the dequantized base plus the adapters, in full precision
+            from ..quant.convert import dequantize_model
+
+            dequantize_model(model, torch.float32)
+            tr.save_base = True
         tr.save()
         (out / ADAPTER).unlink(missing_ok=True)
 
@@ -134,6 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--canvases-per-example", type=int, help="(canvas, t) draws per example sharing its encoder pass "
                     "(default: 1; the shipped recipe: 2)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--base-quant", choices=["int8", "int4"],
+                    help="with --lora: train the adapters over frozen quantized experts and projections (the "
+                         "embedding stays in full precision); the result is merged into a dequantized checkpoint")
+    ap.add_argument("--group-size", type=int, default=128, help="with --base-quant int4: the group size")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
     ap.add_argument("--save-every", type=int, default=0, help="save a resumable checkpoint every N steps")
@@ -158,6 +176,8 @@ def main(argv=None) -> int:
     else:
         if not a.model or not a.data:
             ap.error("fine-tuning needs --model and --data (or give --recipe)")
+        if a.base_quant and not a.lora:
+            ap.error("--base-quant trains adapters over a frozen quantized base: give --lora RANK")
         _finetune(a, out)
     print(f"saved {out} ({(time.perf_counter() - t0) / 60:.1f} min)", file=sys.stderr)
     return 0

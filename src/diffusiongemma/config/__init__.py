@@ -12,7 +12,7 @@ This module does not build models or decide sampler behaviour; it only reads and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] | None = None
     tie_word_embeddings: bool = True
     dtype: str | None = None
+    # config.json's quantization_config, as given (read by `quant.config.QuantPlan` when the weights load)
+    quantization: dict | None = field(default=None, compare=False, hash=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | None = None) -> ModelConfig:
@@ -64,6 +66,7 @@ class ModelConfig:
             image_token_id=_take(d, "image_token_id", int, source, 258_880),
             eos_token_id=None if eos is None else _id_list(eos, "eos_token_id", source),
             dtype=_take(d, "dtype", str, source, _take(d, "torch_dtype", str, source, None)),
+            quantization=d.get("quantization_config"),
         )
         return cls(**kw)
 
@@ -89,6 +92,8 @@ class ModelConfig:
             d["eos_token_id"] = list(self.eos_token_id)
         if self.dtype is not None:
             d["dtype"] = self.dtype
+        if self.quantization is not None:
+            d["quantization_config"] = self.quantization
         return d
 
 

@@ -11,6 +11,7 @@ tower is wanted. Errors name the file, key and shapes involved.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -52,12 +53,15 @@ def _more(keys: list[str]) -> str:
 
 
 class WeightFiles:
-    """The tensors of a checkpoint directory: key -> file (from the shard index or the single file), each file
-    opened once, memory-mapped."""
+    """The tensors of a checkpoint directory: key -> file (from the shard index or the single file), memory-mapped.
+    At most `open_files` shards stay open: a tensor read from one maps its file, and the pages a load has read
+    stay resident while the mapping lives, so a release-sized quantized load keeps only the shards it is reading
+    mapped (each module's tensors are contiguous in the sorted shards)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, open_files: int = 2):
         self.path = path
-        self._handles: dict[Path, object] = {}
+        self.open_files = open_files
+        self._handles: OrderedDict[Path, object] = OrderedDict()
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -75,12 +79,17 @@ class WeightFiles:
             self.files = {k: single for k in self._handle(single).keys()}
 
     def _handle(self, f: Path):
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
-        return self._handles[f]
+        if f in self._handles:
+            self._handles.move_to_end(f)
+            return self._handles[f]
+        try:
+            h = safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+        self._handles[f] = h
+        while len(self._handles) > self.open_files:
+            self._handles.popitem(last=False)
+        return h
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(self.files[key]).get_slice(key).get_shape())
@@ -115,9 +124,23 @@ def check_vision(files: WeightFiles, config: ModelConfig) -> list[str]:
 
 def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
                     device: str | torch.device) -> DiffusionGemmaText:
-    """The text model with every weight read, checked and assigned (in eval mode, no gradients)."""
+    """The text model with every weight read, checked and assigned (in eval mode, no gradients). With a
+    `quantization_config`, the quantized modules are built from their stored encodings (`loader.quantized`)."""
     model = build_text_model(config)
-    state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    replaced, consumed = set(), set()
+    if config.quantization is not None:
+        from ..quant.config import QuantConfigError, QuantPlan
+        from .quantized import consumed_keys, replace_quantized
+
+        try:
+            plan = QuantPlan.parse(config.quantization)
+        except QuantConfigError as e:
+            raise CheckpointError(f"{files.path / 'config.json'}: {e}") from None
+        replaced = replace_quantized(model, files, plan, dtype, device)
+        consumed = consumed_keys(files, replaced)
+    quant_prefixes = tuple(name + "." for name in replaced)
+    quant_state = {k: v for k, v in model.state_dict().items() if k.startswith(quant_prefixes)}
+    state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in quant_state}
     key_map = text_key_map(state_shapes)
     expected = {k: state_shapes[m] for k, m in key_map.items()}
     missing = sorted(k for k in expected if k not in files.files)
@@ -125,7 +148,7 @@ def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
         raise CheckpointError(f"{files.path}: missing tensor(s) {_more(missing)}")
     duplicates, unexpected = [], []
     for k in files.files:
-        if k in expected or k.startswith(VISION_PREFIXES):
+        if k in expected or k in consumed or k.startswith(VISION_PREFIXES):
             continue
         shared = shared_key(k, expected)
         (duplicates.append((k, shared)) if shared else unexpected.append(k))
@@ -136,8 +159,15 @@ def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
         if files.shape(k) != expected[k]:
             raise CheckpointError(f"{files.path}: tensor {k} has shape {list(files.shape(k))}, "
                                   f"expected {list(expected[k])}")
-        state[name] = files.tensor(k).to(device=device, dtype=dtype)
+        src = files.tensor(k)
+        t = src.to(device=device, dtype=dtype)
+        # beside quantized weights, the few full-precision tensors are copied out of the file: a tensor that maps
+        # its file keeps every page the load read from it resident
+        state[name] = t.clone() if replaced and t.data_ptr() == src.data_ptr() else t
+    state.update(quant_state)
     for k, shared in duplicates:
+        if shared not in expected:
+            raise CheckpointError(f"{files.path}: tensor {k} duplicates {shared}, which is stored quantized")
         if files.shape(k) != expected[shared] or not torch.equal(files.tensor(k).to(dtype), state[key_map[shared]]):
             raise CheckpointError(f"{files.path}: tensor {k} differs from {shared}; encoder and decoder (and the LM "
                                   "head) must share their weights")

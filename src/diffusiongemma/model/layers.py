@@ -153,7 +153,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the (token, slot) assignments by expert and run each expert once on its rows
         (or every expert on every row, `forward_dense`, when that is small)."""
-        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, self.gate_up_proj):
+        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, *self.parameters()):
             return self.forward_dense(x, index, weights)
         n, k = index.shape
         flat = index.reshape(-1)
@@ -162,15 +162,19 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         rows = x[order // k]  # [N*K, D], grouped by expert
-        hidden = self._grouped(rows, self.gate_up_proj, counts, transpose=True)
-        gate, up = hidden.split(self.intermediate, dim=-1)
-        hidden = self._grouped(gelu_tanh(gate) * up, self.down_proj, counts, transpose=True)
+        hidden = self.grouped_mlp(rows, counts)
         hidden = hidden * weights.reshape(-1)[order, None]  # promotes to fp32 as the reference does
         unsorted = torch.empty_like(hidden)
         unsorted[order] = hidden
         # sum the k slots of each token in slot order, in fp32, rounding once
         out = unsorted.view(n, k, -1).sum(dim=1)
         return out.to(x.dtype)
+
+    def grouped_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's GeGLU on its rows (rows grouped by expert, counts[e] each)."""
+        hidden = self._grouped(rows, self.gate_up_proj, counts, transpose=True)
+        gate, up = hidden.split(self.intermediate, dim=-1)
+        return self._grouped(gelu_tanh(gate) * up, self.down_proj, counts, transpose=True)
 
     def forward_dense(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """All E experts on all N rows in two batched matmuls, then each row's k slots picked and summed

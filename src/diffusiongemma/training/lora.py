@@ -48,21 +48,56 @@ class LoRALinear(nn.Linear):
         return out
 
 
+class QuantLoRALinear(nn.Module):
+    """A frozen quantized linear layer (`quant.linear.QuantLinear`, kept as `base`) plus a trainable low-rank update
+    in the activation dtype; its adapters have the same state-dict names as `LoRALinear`'s."""
+
+    def __init__(self, base, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base = base
+        dtype, device = base.matrix.dtype, next(iter(base.matrix.t.values())).device
+        self.scale = (alpha if alpha is not None else rank) / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """The dequantized base weight plus the update, in full precision (re-quantize with `diffusiongemma
+        quantize` if wanted: merging into quantized codes would round the update away)."""
+        w = self.base.matrix.dequantize(torch.float32)
+        out = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=self.lora_a.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w + (self.lora_b.float() @ self.lora_a.float()) * self.scale)
+        return out
+
+
 def _targets(model: nn.Module):
+    from ..quant.linear import QuantLinear
+
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in TARGETS:
                 child = getattr(parent, name, None)
-                if isinstance(child, nn.Linear):
+                if isinstance(child, (nn.Linear, QuantLinear, QuantLoRALinear)):
                     yield parent, name, child
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None) -> int:
-    """Freeze the model and put adapters on the attention and dense-MLP projections; returns their count."""
+    """Freeze the model and put adapters on the attention and dense-MLP projections (over full-precision or
+    quantized weights); returns their count."""
+    from ..quant.linear import QuantLinear
+
     model.requires_grad_(False)
     n = 0
     for parent, name, child in list(_targets(model)):
-        if not isinstance(child, LoRALinear):
+        if isinstance(child, QuantLinear):
+            setattr(parent, name, QuantLoRALinear(child, rank, alpha))
+            n += 1
+        elif not isinstance(child, (LoRALinear, QuantLoRALinear)):
             setattr(parent, name, LoRALinear(child, rank, alpha))
             n += 1
     return n
@@ -72,7 +107,7 @@ def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its weight and remove it (so a second merge changes nothing)."""
     n = 0
     for parent, name, child in list(_targets(model)):
-        if isinstance(child, LoRALinear):
+        if isinstance(child, (LoRALinear, QuantLoRALinear)):
             setattr(parent, name, child.merged())
             n += 1
     return n

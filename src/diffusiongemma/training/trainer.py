@@ -65,13 +65,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 class Trainer:
     def __init__(self, model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig,
                  data, objective: ObjectiveConfig, cfg: TrainConfig, out_dir: str | Path,
-                 end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = ()):
+                 end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = (),
+                 save_base: bool = True):
         self.model, self.config, self.gen = model, config, generation_config
         self.vision, self.soft_ids = vision, tuple(soft_ids)
         self.data, self.obj, self.cfg = data, objective, cfg
         self.out = Path(out_dir)
         self.end_id, self.pad_id = end_id, pad_id
         self.save_extra = save_extra  # called with the output directory after each save (tokenizer files)
+        # False over a frozen quantized base: saves (and resumes) the adapters and optimizer only; the base is
+        # re-made from its source (`cli.train --base-quant`), and the merged model is saved at the end
+        self.save_base = save_base
         self.opt = make_optimizer(torch.nn.ModuleList([model] + ([vision] if vision is not None else [])), cfg)
         self.step = 0
 
@@ -79,10 +83,11 @@ class Trainer:
         state_file = self.out / STATE
         if not state_file.is_file():
             return False
-        ck = load(self.out, dtype="float32", vision=self.vision is not None)
-        self.model.load_state_dict(ck.model.state_dict(), strict=False)
-        if self.vision is not None:
-            self.vision.load_state_dict(ck.vision.state_dict())
+        if self.save_base:
+            ck = load(self.out, dtype="float32", vision=self.vision is not None)
+            self.model.load_state_dict(ck.model.state_dict(), strict=False)
+            if self.vision is not None:
+                self.vision.load_state_dict(ck.vision.state_dict())
         load_adapters(self.model, self.out)
         state = torch.load(state_file, weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
@@ -124,7 +129,8 @@ class Trainer:
 
     def save(self) -> None:
         self.model.eval()
-        save(self.model, self.config, self.gen, self.out, vision=self.vision)
+        if self.save_base:
+            save(self.model, self.config, self.gen, self.out, vision=self.vision)
         save_adapters(self.model, self.out)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
                     "objective": asdict(self.obj)}, self.out / STATE)
