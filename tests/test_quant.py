@@ -425,3 +425,19 @@ def test_the_quantize_command(tiny, tmp_path, capsys):
     assert isinstance(dg.load(tmp_path / "ok").model.layers[0].experts, QuantExperts)
     assert main(["quantize", str(tmp_path / "ok"), str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_the_release_bench_path_on_the_tiny_size(tmp_path, capsys):
+    """`bench --size S --quant Q`: written directly quantized (cached), measured in a fresh process through the
+    engine; the release size runs the same code (README figures)."""
+    from types import SimpleNamespace
+
+    from diffusiongemma.bench.release import run
+
+    assert run(SimpleNamespace(size="tiny", quant="mixed", group_size=None, steps=1, profile=False), tmp_path) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["release"]
+    assert res["tokens"] == res["canvas"] == 32 and res["steps"] == [1]
+    assert res["peak_rss"] >= res["rss_after_load"] > 0 and res["s_per_step"] > 0 and res["s_commit"] > 0
+    ck = dg.load(tmp_path / "random-tiny-mixed-g32")
+    assert isinstance(ck.model.layers[0].experts, QuantExperts)
+    assert isinstance(ck.model.layers[0].self_attn.q_proj, QuantLinear)
