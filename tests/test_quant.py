@@ -441,3 +441,14 @@ def test_the_release_bench_path_on_the_tiny_size(tmp_path, capsys):
     ck = dg.load(tmp_path / "random-tiny-mixed-g32")
     assert isinstance(ck.model.layers[0].experts, QuantExperts)
     assert isinstance(ck.model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+def test_int4_weights_packed_for_one_device_refuse_another():
+    """tinygemm's CPU and CUDA layouts differ: a module moved across (here: marked as packed for CUDA) raises instead
+    of computing garbage."""
+    m = QuantLinear(QuantMatrix.quantize(torch.randn(64, 128) * 0.02, int4(32), torch.float32))
+    x = torch.randn(3, 128)
+    assert m(x).shape == (3, 64)
+    m.matrix.layout = "cuda"
+    with pytest.raises(RuntimeError, match="packed for cuda cannot run on cpu"):
+        m(x)

@@ -29,13 +29,13 @@ class QuantExperts(Experts):
             first = mats[0]
             if any(m.shape != first.shape or set(m.t) != set(first.t) or m.scheme != first.scheme for m in mats):
                 raise ValueError(f"the experts' {prefix} matrices differ in shape or layout")
-            self._meta[prefix] = (first.scheme, first.shape, first.dtype, tuple(first.t))
+            self._meta[prefix] = (first.scheme, first.shape, first.dtype, tuple(first.t), first.layout)
             for name in first.t:
                 self.register_buffer(f"{prefix}_{name}", torch.stack([m.t[name] for m in mats]))
 
     def matrix(self, prefix: str, e: int) -> QuantMatrix:
-        scheme, shape, dtype, names = self._meta[prefix]
-        return QuantMatrix(scheme, shape, dtype, **{n: getattr(self, f"{prefix}_{n}")[e] for n in names})
+        scheme, shape, dtype, names, layout = self._meta[prefix]
+        return QuantMatrix(scheme, shape, dtype, layout, **{n: getattr(self, f"{prefix}_{n}")[e] for n in names})
 
     def grouped_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = rows.new_empty(rows.shape[0], self.hidden)

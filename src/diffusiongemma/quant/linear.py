@@ -32,9 +32,12 @@ class QuantMatrix:
     """A quantized weight [N, K] in the layout its kernel reads. Not a module: `QuantLinear` and `QuantExperts`
     register its tensors as their buffers (`tensors()`), so `.to()`, state dicts and memory accounting see them."""
 
-    def __init__(self, scheme: WeightScheme, shape: tuple[int, int], dtype: torch.dtype, **tensors: torch.Tensor):
+    def __init__(self, scheme: WeightScheme, shape: tuple[int, int], dtype: torch.dtype, layout: str | None = None,
+                 **tensors: torch.Tensor):
         self.scheme, self.shape, self.dtype = scheme, tuple(shape), dtype
         self.t = tensors
+        # tinygemm's packed layout differs between the CPU and CUDA kernels: the device type it was packed for
+        self.layout = layout or (tensors["packed"].device.type if "packed" in tensors else None)
 
     # -- construction from the stored encodings ------------------------------------------------------
     @classmethod
@@ -124,6 +127,9 @@ class QuantMatrix:
         return (torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)[..., :self.shape[1]].to(torch.int8) - 8)
 
     def _int4_mm(self, x: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.layout:
+            raise RuntimeError(f"int4 weights packed for {self.layout} cannot run on {x.device.type} (the packed "
+                               f"layouts differ): load the checkpoint with device={x.device.type!r} instead of moving it")
         g = self.shape[1] // sz.shape[0]
         if x.device.type == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self.t["packed"], g, sz)
