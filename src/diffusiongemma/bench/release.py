@@ -82,7 +82,8 @@ def worker(path: str, steps: int, profile: bool) -> dict:
     params_b = sum(p.numel() for p in ck.model.parameters())
     for m in ck.model.modules():  # count quantized weights by their unpacked shapes
         if isinstance(m, QuantExperts):
-            params_b += m.num_experts * sum(s[1][0] * s[1][1] for s in m._meta.values())
+            params_b += m.num_experts * sum(m.matrix(part, 0).shape[0] * m.matrix(part, 0).shape[1]
+                                            for part in ("gate_up", "down"))
         elif isinstance(m, (QuantLinear, QuantEmbedding)):
             params_b += m.matrix.shape[0] * m.matrix.shape[1]
     engine = Engine.from_checkpoint(ck, max_batch=1)

@@ -9,6 +9,8 @@ quantized once. Errors name the tensor, its shape and what was expected.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -33,9 +35,19 @@ def _shape_str(files, key: str) -> str:
     return f"{key} {list(files.shape(key))}"
 
 
+class Stored(NamedTuple):
+    """One quantized weight as stored: integer codes int8 [N, K] or FP8 values, scales, zero points (integers only,
+    or None), and the scale tensor's key (for errors)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    key: str
+
+
 def read_raw(files, ck: str, group: Group, shape: tuple[int, int]):
-    """The stored encoding of quantized weight `ck` (a module name): ("int", codes int8 [N, K], scales [N, G],
-    zeros [N, G] | None) or ("float", values fp8 [N, K], scales, block)."""
+    """The stored encoding of quantized weight `ck` (a module name), checked against `shape` [N, K]: integer codes
+    with scales [N, G] and zero points, or FP8 values with their scales."""
     n, k = shape
     scheme, fmt = group.scheme, group.format
     keys = files.files
@@ -56,10 +68,9 @@ def read_raw(files, ck: str, group: Group, shape: tuple[int, int]):
                                 f"should be float8_e4m3fn {list(shape)}")
         skey = f"{ck}.weight_scale_inv" if f"{ck}.weight_scale_inv" in keys else need("weight_scale")
         scale = files.tensor(skey).float()
-        block = scheme.block
-        if block is None and scale.numel() != 1:
+        if scheme.block is None and scale.numel() != 1:
             scale = scale.reshape(-1, 1) if scale.numel() == n else scale
-        return "float", values, scale, block, skey
+        return Stored(values, scale, None, skey)
 
     skey = need("weight_scale")
     scale = files.tensor(skey)
@@ -93,7 +104,7 @@ def read_raw(files, ck: str, group: Group, shape: tuple[int, int]):
         zero = _as_groups(files, zkey, z, n, k, scheme)
         if not bool(zero.ne(0).any()):
             zero = None
-    return "int", q, scale, zero, skey
+    return Stored(q, scale, zero, skey)
 
 
 def _as_groups(files, key: str, s: torch.Tensor, n: int, k: int, scheme: WeightScheme) -> torch.Tensor:
@@ -111,23 +122,23 @@ def _as_groups(files, key: str, s: torch.Tensor, n: int, k: int, scheme: WeightS
 def _matrix(files, raws, scheme: WeightScheme, dtype, device, kernel: bool) -> QuantMatrix:
     """One QuantMatrix from one or more stored parts stacked along the output dimension (gate then up)."""
     try:
-        if raws[0][0] == "float":
-            values = torch.cat([r[1] for r in raws]).to(device)
+        if scheme.kind == "float":
+            values = torch.cat([r.codes for r in raws]).to(device)
             if scheme.block is not None and len(raws) > 1:
                 bn = scheme.block[0]
-                if any(r[1].shape[0] % bn for r in raws):
-                    raise ValueError(f"parts of {[r[1].shape[0] for r in raws]} rows do not align to {bn}-row blocks")
-            scale = torch.cat([r[2] for r in raws]).to(device)
+                if any(r.codes.shape[0] % bn for r in raws):
+                    raise ValueError(f"parts of {[r.codes.shape[0] for r in raws]} rows do not align to {bn}-row blocks")
+            scale = torch.cat([r.scale for r in raws]).to(device)
             return QuantMatrix.from_fp8(values, scale, scheme, dtype)
-        q = torch.cat([r[1] for r in raws]).to(device)
-        scale = torch.cat([r[2] for r in raws]).to(device)
-        zeros = [r[3] for r in raws]
+        q = torch.cat([r.codes for r in raws]).to(device)
+        scale = torch.cat([r.scale for r in raws]).to(device)
+        zeros = [r.zero for r in raws]
         zero = None
         if any(z is not None for z in zeros):
-            zero = torch.cat([z if z is not None else torch.zeros_like(r[2]) for z, r in zip(zeros, raws)]).to(device)
+            zero = torch.cat([z if z is not None else torch.zeros_like(r.scale) for z, r in zip(zeros, raws)]).to(device)
         return QuantMatrix.from_codes(q, scale, scheme, dtype, zero, kernel=kernel)
     except ValueError as e:
-        raise _error(files, f"tensor {', '.join(r[-1] for r in raws)}: {e}") from None
+        raise _error(files, f"tensor {', '.join(r.key for r in raws)}: {e}") from None
 
 
 def replace_quantized(model: nn.Module, files, plan: QuantPlan, dtype: torch.dtype,

@@ -270,9 +270,9 @@ def write_random_quantized(dst: str | Path, config: ModelConfig, recipe: Recipe,
 
 def _random_encoded(name: str, shape, scheme: WeightScheme, std: float, g, wdtype) -> dict[str, torch.Tensor]:
     n, k = shape
-    _check_group(name, k, scheme)
     if scheme.kind == "float":
         return encode(name, torch.randn(shape, generator=g) * std, scheme, wdtype)
+    _check_group(name, k, scheme)
     levels = 2 ** scheme.bits
     q = (torch.randint(0, levels, (n, k), generator=g, dtype=torch.int16) - levels // 2).to(torch.int8)
     code_std = ((levels**2 - 1) / 12) ** 0.5

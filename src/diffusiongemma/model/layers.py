@@ -153,7 +153,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the (token, slot) assignments by expert and run each expert once on its rows
         (or every expert on every row, `forward_dense`, when that is small)."""
-        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, *self.parameters()):
+        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, self.gate_up_proj):
             return self.forward_dense(x, index, weights)
         n, k = index.shape
         flat = index.reshape(-1)

@@ -20,7 +20,7 @@ def _kind(name: str, module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, Experts) and not isinstance(module, QuantExperts):
         return "experts"
-    if isinstance(module, nn.Linear) and type(module) is nn.Linear and name.rsplit(".", 2)[-2:][0] in LINEAR_PARENTS:
+    if type(module) is nn.Linear and "." in name and name.split(".")[-2] in LINEAR_PARENTS:
         return "linear"
     return None
 

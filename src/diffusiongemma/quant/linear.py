@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import FP8_MAX, WeightScheme, dequantize_fp8, dequantize_int, pack_int32, unpack_int32
+from .codec import (
+    FP8_MAX,
+    WeightScheme,
+    dequantize_fp8,
+    dequantize_int,
+    pack_int32,
+    quantize_fp8,
+    quantize_int,
+    unpack_int32,
+)
 
 # rows at or below which the int8 kernel runs instead of cast-and-matmul (bench.quant_kernels on the CPU)
 INT8_KERNEL_ROWS = 16
@@ -48,12 +57,10 @@ class QuantMatrix:
         n, k = q.shape
         if scale.ndim != 2 or scale.shape[0] != n or k % scale.shape[1]:
             raise ValueError(f"scales of shape {list(scale.shape)} do not fit a weight of shape [{n}, {k}]")
+        extra = {"zero": zero.to(dtype)} if zero is not None else {}  # the loader drops all-zero zero points
         if scheme.bits == 8:
-            if zero is not None and bool(zero.ne(0).any()):
-                return cls(scheme, (n, k), dtype, q=q.contiguous(), scale=scale.to(dtype), zero=zero.to(dtype))
-            return cls(scheme, (n, k), dtype, q=q.contiguous(), scale=scale.to(dtype))
+            return cls(scheme, (n, k), dtype, q=q.contiguous(), scale=scale.to(dtype), **extra)
         g = k // scale.shape[1]
-        extra = {"zero": zero.to(dtype)} if zero is not None else {}
         if not kernel or g not in (32, 64, 128, 256) or n % 16:
             # plain nibbles (two codes a byte, low first): what an embedding's row gathers read, and any shape
             # tinygemm does not take (groups of 32-256 columns, a multiple of 16 rows)
@@ -92,8 +99,6 @@ class QuantMatrix:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype, kernel: bool = True) -> QuantMatrix:
-        from .codec import quantize_fp8, quantize_int
-
         if scheme.kind == "float":
             return cls.from_fp8(*quantize_fp8(w, scheme.block), scheme, dtype)
         return cls.from_codes(*quantize_int(w, scheme), scheme, dtype, kernel=kernel)
@@ -250,12 +255,6 @@ class QuantRows:
         def plain(a):
             return a.matrix.dequantize() if isinstance(a, QuantRows) else a
         return func(*[plain(a) for a in args], **{k: plain(v) for k, v in (kwargs or {}).items()})
-
-    def __matmul__(self, other):
-        return self.matrix.dequantize() @ other
-
-    def __rmatmul__(self, other):
-        return other @ self.matrix.dequantize()
 
 
 class QuantEmbedding(nn.Module):

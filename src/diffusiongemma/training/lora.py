@@ -20,6 +20,18 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTER = "adapter.safetensors"
 
 
+def _add_adapters(module: nn.Module, rank: int, alpha: float | None, dtype, device) -> None:
+    """lora_a (Kaiming-uniform) and lora_b (zeros: the update starts at zero) and the alpha / rank scale."""
+    module.scale = (alpha if alpha is not None else rank) / rank
+    module.lora_a = nn.Parameter(torch.empty(rank, module.in_features, dtype=dtype, device=device))
+    module.lora_b = nn.Parameter(torch.zeros(module.out_features, rank, dtype=dtype, device=device))
+    nn.init.kaiming_uniform_(module.lora_a, a=math.sqrt(5))
+
+
+def _update(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (x @ module.lora_a.t() @ module.lora_b.t()) * module.scale
+
+
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus a trainable low-rank update; state-dict compatible with nn.Linear
     for its `weight` (adapters are extra `lora_a` / `lora_b` entries)."""
@@ -30,15 +42,10 @@ class LoRALinear(nn.Linear):
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.register_parameter("bias", None)
-        self.scale = (alpha if alpha is not None else rank) / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=self.weight.dtype,
-                                               device=self.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=self.weight.dtype,
-                                               device=self.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        _add_adapters(self, rank, alpha, self.weight.dtype, self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+        return super().forward(x) + _update(self, x)
 
     def merged(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device,
@@ -56,14 +63,10 @@ class QuantLoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.base = base
-        dtype, device = base.matrix.dtype, next(iter(base.matrix.t.values())).device
-        self.scale = (alpha if alpha is not None else rank) / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        _add_adapters(self, rank, alpha, base.matrix.dtype, next(iter(base.matrix.t.values())).device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+        return self.base(x) + _update(self, x)
 
     def merged(self) -> nn.Linear:
         """The dequantized base weight plus the update, in full precision (re-quantize with `diffusiongemma
