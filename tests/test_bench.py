@@ -78,3 +78,37 @@ def test_structured_output_bench_runs_and_every_bounded_constrained_answer_valid
         if kind != "unbounded number":  # the model can write its digits until max_tokens runs out
             assert r["valid"] == r["requests"], r
         assert r["finish"].get("stop", 0) <= r["valid"]  # nothing invalid ever ends with stop
+
+
+@pytest.mark.parametrize("curve,extra", [
+    ("context", ["--contexts", "0,40,100", "--ref-max-context", "40"]),
+    ("concurrency", ["--concurrency", "1,3", "--ref-max-batch", "3"]),
+    ("canvases", ["--canvases", "1,2", "--repeats", "1"]),
+    ("prefix", ["--system-tokens", "40", "--turn-tokens", "8", "--repeats", "1"]),
+])
+def test_curves_write_a_table_json_and_a_chart(tmp_path, curve, extra):
+    """Each curve runs end to end on a tiny random checkpoint (both sides where it has two) and writes its JSON
+    and PNG; the prefix curve's tokens are the same with and without the cache (its exit status says so)."""
+    from diffusiongemma.bench.run import main
+    from diffusiongemma.loader.random_weights import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "tiny", "tiny", torch.float32)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["--model", str(path), "--dtype", "float32", "--curve", curve, "--steps", "1",
+                   "--out", str(tmp_path / "o"), *extra])
+    assert rc == 0
+    rec = json.loads((tmp_path / "o" / f"{curve}.json").read_text())
+    assert rec["curve"] == curve and (tmp_path / "o" / f"{curve}.png").stat().st_size > 1000
+    assert json.loads(out.getvalue().strip().splitlines()[-1])["curve"] == curve
+    if curve == "context":
+        assert [x["context"] for x in rec["ours"]] == [0, 40, 100] and [x["context"] for x in rec["reference"]] == [0, 40]
+        assert all(x["ms_step"]["median"] > 0 for x in rec["ours"] + rec["reference"])
+        # the tiny model's sliding window is 64: past it only the global layer grows
+        per = [x["kv_bytes_per_token"] for x in rec["ours"][1:]]
+        assert per[1] < per[0]
+    elif curve == "concurrency":
+        assert set(rec["series"]) == {"engine", "engine packed", "reference lock-step"}
+        assert all(p["tokens_per_s"] > 0 for pts in rec["series"].values() for p in pts)
+    elif curve == "prefix":
+        assert rec["same_tokens"] and rec["turns"][1]["cached_tokens"] >= 32

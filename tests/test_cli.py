@@ -73,6 +73,8 @@ def test_chat_keeps_history(tiny_text_model_dir):
     (["generate", "hi", "--t-max", "0.3", "--t-min", "0.5"], "t_max must be greater than t_min"),
     (["generate", "hi", "--thinking-budget", "-1"], "thinking_budget must be an integer >= 0, got -1"),
     (["generate", "hi", "--decoding", "fast"], "decoding must be one of diffusion, speculative, autoregressive"),
+    (["chat", "--prefix-cache-mib", "-1"], "argument --prefix-cache-mib: expected a non-negative integer, got '-1'"),
+    (["chat", "--prefix-block", "100000000"], "cannot hold one block: a block of 100000000 tokens takes"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tiny_text_model_dir, args, msg):
     if "--model" not in args:

@@ -202,6 +202,23 @@ def test_metrics_and_the_request_log(server, client, name, caplog):
     assert any(x["status"] == 400 for x in lines)
 
 
+def test_the_next_turn_reuses_the_prefix_cache(server, client, name):
+    """On by default: a second turn's prompt starts with the first's, reuses its blocks (usage says how many
+    tokens), and /v1/models and /metrics report the cache."""
+    messages = [{"role": "system", "content": "You sort numbers. " * 6},
+                {"role": "user", "content": "Sort: 3 1 2"}]
+    first = client.chat.completions.create(model=name, messages=messages, **SMALL)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "Sort: 9 8 7"}]
+    second = client.chat.completions.create(model=name, messages=messages, **SMALL)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+    stats = httpx.get(server[0] + "/v1/models").json()["data"][0]["prefix_cache"]
+    assert stats["hits"] >= 1 and stats["reused_tokens"] >= cached and 0 < stats["bytes"] <= stats["capacity_bytes"]
+    assert stats["capacity_bytes"] == 1 << 30 and stats["block_size"] == 16
+    assert "diffusiongemma_prefix_cache_reused_tokens" in httpx.get(server[0] + "/metrics").text
+
+
 def test_page_is_served(server):
     r = httpx.get(server[0] + "/")
     assert r.status_code == 200 and "canvas" in r.text and "/static/app.js" in r.text

@@ -14,6 +14,11 @@ Storage grows by doubling, so a commit copies only the new tokens.
 `truncate(n)` takes the last n committed tokens back out (speculative decoding commits a whole canvas
 and keeps only its verified prefix). So that a sliding layer still holds its whole window afterwards, a
 cache made with `spare=S` keeps S tokens more than it shows on those layers; n may not exceed S.
+
+`record()` makes the cache also keep every committed token's keys and values on every layer, untrimmed by
+the window, until `take_recorded(n)` hands the first n of them over (the engine's prefix cache stores them
+in blocks: a later prompt that starts with these tokens needs them on its sliding layers too, even where this
+sequence's window has since moved past them).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class KVCache:
         self._len = [0] * n  # stored tokens per layer (<= window - 1 + spare on sliding layers)
         self._positions = torch.empty(0, dtype=torch.long, device=self.device)  # all committed positions
         self.length = 0  # committed tokens
+        self._log: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # recorded chunks per layer
 
     # -- reading -------------------------------------------------------------------------------
     def _shown(self, i: int) -> int:
@@ -63,7 +69,13 @@ class KVCache:
         return int(self._positions[-1]) + 1 if self.length else 0
 
     def nbytes(self) -> int:
+        """Bytes allocated (storage grows by doubling, so up to twice what is stored)."""
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the keys and values stored (every layer's kept tokens)."""
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(2 * n * h * d * size for n, (h, d) in zip(self._len, self._shape))
 
     # -- writing (encoder only) ----------------------------------------------------------------
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -71,6 +83,8 @@ class KVCache:
 
         Storage always has at least one spare row past the stored tokens, so `stored < buffer size` holds at
         every step (a compiled step (`KVView`) then sees one relation between the two, and compiles once)."""
+        if self._log is not None:
+            self._log[i].append((k, v))
         t = k.shape[1]
         n = self._len[i]
         keep = (self.window - 1 + self.spare) if self._sliding[i] else None
@@ -110,12 +124,53 @@ class KVCache:
             self._len[i] -= min(n, self._len[i])
         self._positions = self._positions[:self._positions.shape[0] - n]
         self.length -= n
+        if self._log is not None:
+            for i, chunks in enumerate(self._log):
+                k, v = self._joined(i, chunks)
+                keep = max(k.shape[1] - n, 0)
+                self._log[i] = [(k[:, :keep], v[:, :keep])] if keep else []
 
     def free(self) -> None:
         n = len(self._k)
         self._k, self._v, self._len = [None] * n, [None] * n, [0] * n
         self._positions = self._positions[:0]
         self.length = 0
+        self._log = None
+
+    # -- recording (for the prefix cache) -----------------------------------------------------------
+    def record(self) -> None:
+        """From now on keep every appended token's keys/values on every layer until `take_recorded` takes them."""
+        self._log = [[] for _ in self._k]
+
+    @property
+    def recording(self) -> bool:
+        return self._log is not None
+
+    @property
+    def recorded(self) -> int:
+        """How many committed tokens are recorded and not yet taken."""
+        return sum(k.shape[1] for k, _ in self._log[0]) if self._log else 0
+
+    def _joined(self, i: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+        if not chunks:
+            h, d = self._shape[i]
+            empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
+            return empty, empty
+        if len(chunks) == 1:
+            return chunks[0]
+        return torch.cat([k for k, _ in chunks], 1), torch.cat([v for _, v in chunks], 1)
+
+    def take_recorded(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n recorded tokens' keys and values, per layer ([kv_heads, n, head_dim] each); the rest
+        stay recorded."""
+        if self._log is None or n > self.recorded:
+            raise ValueError(f"cannot take {n} recorded tokens of {self.recorded}")
+        out = []
+        for i, chunks in enumerate(self._log):
+            k, v = self._joined(i, chunks)
+            out.append((k[:, :n], v[:, :n]))
+            self._log[i] = [(k[:, n:], v[:, n:])] if k.shape[1] > n else []
+        return out
 
 
 def continuing_positions(caches, lengths, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .common import (
     DeltaPrinter,
     add_media_args,
     add_model_args,
+    add_prefix_args,
     add_sampler_args,
     load_model,
     make_generator,
@@ -27,6 +28,7 @@ def _main(argv) -> int:
     ap.add_argument("--system", help="system prompt")
     add_media_args(ap)
     add_model_args(ap)
+    add_prefix_args(ap, 256)
     add_sampler_args(ap)
     a = ap.parse_args(argv)
     params, options = sampling_params(a), output_options(a)

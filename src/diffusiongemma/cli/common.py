@@ -24,14 +24,30 @@ class CLIError(Exception):
     """An error reported as one line, without a traceback."""
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, low: int, what: str) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1, "a positive integer")
+
+
+def non_negative_int(s: str) -> int:
+    return _int_at_least(s, 0, "a non-negative integer")
+
+
+def add_prefix_args(ap: argparse.ArgumentParser, default_mib: int) -> None:
+    ap.add_argument("--prefix-cache-mib", type=non_negative_int, default=default_mib,
+                    help="memory for the prefix cache: prompts that begin with tokens already committed (the next "
+                         f"turn of a chat, a shared system prompt) reuse their keys and values (default {default_mib}; "
+                         "0 turns it off)")
+    ap.add_argument("--prefix-block", type=positive_int, default=16, help="tokens per prefix-cache block")
 
 
 def add_model_args(ap: argparse.ArgumentParser, runner: bool = True,
@@ -83,6 +99,8 @@ def load_model(a, vision: bool | None = None):
 
 
 def make_generator(a, ck, **engine_kw) -> Generator:
+    if getattr(a, "prefix_cache_mib", 0):
+        engine_kw.update(prefix_cache=a.prefix_cache_mib << 20, prefix_block=a.prefix_block)
     return Generator(ck, runner="compiled" if getattr(a, "compile", False) else "eager", **engine_kw)
 
 

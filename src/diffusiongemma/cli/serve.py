@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from .common import CLIError, add_model_args, load_model, positive_int, run_cli
+from .common import CLIError, add_model_args, add_prefix_args, load_model, positive_int, run_cli
 
 
 def _is_loopback(host: str) -> bool:
@@ -46,6 +46,7 @@ def _main(argv) -> int:
     ap.add_argument("--max-connections", type=positive_int, default=64, help="open connections; more get 503")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                     help="log level (info writes one JSON line per API request; /metrics has Prometheus metrics)")
+    add_prefix_args(ap, 1024)
     ap.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
                     help="let image parts name files under DIR (repeatable; data: URLs always work, network URLs "
                          "never)")
@@ -63,8 +64,9 @@ def _main(argv) -> int:
     settings = ServerSettings(max_concurrent=a.max_concurrent, max_batch=a.max_batch,
                               max_prompt_tokens=a.max_prompt_tokens, limits=limits,
                               request_timeout_s=float(a.request_timeout), max_connections=a.max_connections,
-                              api_key=a.api_key, exposed=exposed, image_dirs=dirs, compile=a.compile)
-    app = create_app(ck, settings, a.served_model_name)
+                              api_key=a.api_key, exposed=exposed, image_dirs=dirs, compile=a.compile,
+                              prefix_cache_bytes=a.prefix_cache_mib << 20, prefix_block=a.prefix_block)
+    app = create_app(ck, settings, a.served_model_name)  # a ValueError (a prefix cache too small) is reported
     if a.compile:
         print("compiling the engine step before serving (30-90 s) ...")
     print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (the page; the OpenAI API under /v1)")

@@ -33,6 +33,7 @@ from ..model import DiffusionGemmaText
 from ..sampling.draws import Draws
 from .canvas import advance, commit_canvas, cut_at_stop, emit, start_canvas, step_temperature
 from .params import RequestError, SamplingParams
+from .prefix import PrefixCache
 from .request import CommitEvent, CommitHook, Completion, Constraint, Event, RequestState, RequestStats
 from .runners import EagerRunner, make_runner
 from .timings import Timings
@@ -43,11 +44,14 @@ class Engine:
     def __init__(self, model: DiffusionGemmaText, generation_config: GenerationConfig, canvas_length: int,
                  max_batch: int = 8, vocab_chunk: int = 8192, max_context: int | None = None,
                  batch_invariant: bool | None = None, vision=None, soft_token_ids: Sequence[int] = (),
-                 runner: str = "eager"):
+                 runner: str = "eager", prefix_cache: int = 0, prefix_block: int = 16):
         """runner: how the passes run (`engine.runners`): "eager" (the default), "compiled" (the denoising
         step and the commit as two `torch.compile` graphs: the first step compiles, tens of seconds, later
         ones skip per-op dispatch) or "static" (all active requests in one fixed-shape step, captured as a
-        CUDA graph on a GPU; its context is bounded, `max_context` default 8,192)."""
+        CUDA graph on a GPU; its context is bounded, `max_context` default 8,192).
+
+        prefix_cache: bytes for the prefix cache (`engine.prefix`; 0, the default, turns it off): prompts that
+        begin with tokens already committed reuse their keys and values, in blocks of `prefix_block` tokens."""
         self.model = model
         self.gen = generation_config
         self.canvas_length = canvas_length
@@ -60,6 +64,7 @@ class Engine:
                                                batch_invariant=batch_invariant, vision=vision,
                                                soft_token_ids=tuple(soft_token_ids))
         self.max_context = self.runner.max_context
+        self.prefix = PrefixCache(model.config, prefix_cache, prefix_block, model.dtype) if prefix_cache else None
         self._waiting: deque[RequestState] = deque()
         self._active: list[RequestState] = []
         self._lock = threading.Lock()
@@ -134,6 +139,10 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's size and use (None when it is off); readable from any thread."""
+        return self.prefix.stats() if self.prefix is not None else None
+
     def cache_bytes(self) -> int:
         """Bytes held by the active requests' KV caches (read from any thread: an approximate snapshot)."""
         return sum(r.cache.nbytes() for r in list(self._active) if r.cache is not None)
@@ -191,6 +200,8 @@ class Engine:
             while self._waiting and len(self._active) < self.max_batch:
                 req = self._waiting.popleft()
                 self.runner.admit(req)
+                if self.prefix is not None:
+                    self.prefix.attach(req, self.runner.soft_token_ids)
                 self._active.append(req)
 
     def _encode_pending(self, events: list[Event]) -> None:
@@ -213,6 +224,8 @@ class Engine:
                     if hidden is not None:
                         r.last_hidden = hidden[i][-1]
                     start_canvas(r, self.canvas_length, self.vocab_size)
+                if self.prefix is not None:
+                    self.prefix.store(r, encoded)
 
     def _denoise(self, events: list[Event]) -> None:
         ready = [r for r in self._active if r.canvas is not None and not r.to_encode]

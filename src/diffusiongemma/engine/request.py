@@ -22,6 +22,7 @@ from .params import ResolvedParams
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of encoded
     completion_tokens: int = 0
     decoder_forwards: int = 0
     commit_forwards: int = 0  # encoder passes: the prefill and each committed canvas
@@ -143,6 +144,7 @@ class RequestState:
     last_hidden: torch.Tensor | None = None  # [D] the encoder's hidden state at the last cached token
     verifying: bool = False  # `to_encode` is a drafted canvas to verify (not yet emitted)
     constraint: Constraint | None = None  # structured output: the grammar the verifier applies
+    prefix: object | None = None  # its place in the prefix cache's block chain (`engine.prefix`), when one is on
 
     @property
     def mode(self) -> str:

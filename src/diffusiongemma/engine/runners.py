@@ -50,7 +50,15 @@ class EagerRunner:
     @staticmethod
     def context_limit(model: DiffusionGemmaText, max_context: int | None) -> int:
         """The most tokens (prompt, generated and one canvas) a request may span."""
-        return max_context or model.config.max_position_embeddings
+        return EagerRunner._checked(model, max_context) or model.config.max_position_embeddings
+
+    @staticmethod
+    def _checked(model: DiffusionGemmaText, max_context: int | None) -> int | None:
+        limit = model.config.max_position_embeddings
+        if max_context is not None and not (isinstance(max_context, int) and 0 < max_context <= limit):
+            raise ValueError(f"max_context must be a positive integer at most the model's {limit} positions "
+                             f"(max_position_embeddings), got {max_context!r}")
+        return max_context
 
     # -- a request's life ----------------------------------------------------------------------------
     def admit(self, r: RequestState) -> None:
@@ -167,7 +175,8 @@ class StaticRunner(EagerRunner):
 
     @staticmethod
     def context_limit(model: DiffusionGemmaText, max_context: int | None) -> int:
-        return max_context or min(8192, model.config.max_position_embeddings)  # fixed buffers need a bound
+        # fixed buffers need a bound
+        return EagerRunner._checked(model, max_context) or min(8192, model.config.max_position_embeddings)
 
     def admit(self, r: RequestState) -> None:
         super().admit(r)

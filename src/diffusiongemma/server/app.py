@@ -58,6 +58,8 @@ class ServerSettings:
     image_dirs: tuple[Path, ...] = ()  # directories image parts may name files under (never network URLs)
     max_image_bytes: int = 16 * 1024 * 1024
     compile: bool = False  # the compiled step runner (Engine(runner="compiled")), warmed up before serving
+    prefix_cache_bytes: int = 1 << 30  # the prefix cache (`engine.prefix`); 0 turns it off
+    prefix_block: int = 16  # tokens per prefix-cache block
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -94,7 +96,8 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
     s = settings or ServerSettings()
     name = model_name or checkpoint.name
     gen = Generator(checkpoint, max_batch=s.max_batch, max_context=checkpoint.config.text.max_position_embeddings,
-                    runner="compiled" if s.compile else "eager")
+                    runner="compiled" if s.compile else "eager", prefix_cache=s.prefix_cache_bytes,
+                    prefix_block=s.prefix_block)
     engine, tokenizer = gen.engine, gen.tokenizer
     media = MediaPolicy(allow_local_paths=bool(s.image_dirs), roots=tuple(s.image_dirs), max_bytes=s.max_image_bytes)
     runner = EngineRunner(gen, s.max_concurrent)
@@ -145,7 +148,9 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "diffusiongemma"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "diffusiongemma",
+                                            "max_model_len": engine.max_context,
+                                            "prefix_cache": engine.prefix_stats()}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

@@ -49,6 +49,14 @@ class Metrics:
             lambda: engine.num_active)
         Gauge("diffusiongemma_kv_cache_bytes", "bytes held by the active requests' KV caches",
               registry=r).set_function(engine.cache_bytes)
+        if engine.prefix is not None:
+            stats = engine.prefix_stats
+            Gauge("diffusiongemma_prefix_cache_bytes", "bytes held by the prefix cache's blocks",
+                  registry=r).set_function(lambda: stats()["bytes"])
+            Gauge("diffusiongemma_prefix_cache_reused_tokens", "prompt tokens copied from the prefix cache (total)",
+                  registry=r).set_function(lambda: stats()["reused_tokens"])
+            Gauge("diffusiongemma_prefix_cache_prompt_tokens", "prompt tokens looked up in the prefix cache (total)",
+                  registry=r).set_function(lambda: stats()["prompt_tokens"])
 
     def finished(self, stats) -> None:
         """A request's final statistics (called on the engine thread)."""

@@ -135,7 +135,8 @@ def new_id(prefix: str) -> str:
 
 def usage(stats, extra: bool = True) -> dict:
     u = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-         "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+         "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}  # reused from the prefix cache
     if extra:
         spc = stats.steps_per_canvas
         acc = stats.accepted_per_canvas
