@@ -103,6 +103,18 @@ def test_serving_beyond_loopback_needs_a_key(tiny_text_model_dir):
     assert r.returncode == 2 and "needs --api-key (or --allow-no-key" in r.stderr
 
 
+def test_serve_says_when_it_cannot_listen(tiny_text_model_dir):
+    """`serve` runs HTTP on a thread and the engine loop on the main thread: a port in use still ends the
+    command with one clear error (not a loop waiting forever)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("serve", "--model", str(tiny_text_model_dir), "--port", str(s.getsockname()[1]), timeout=120)
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unknown_command():
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr

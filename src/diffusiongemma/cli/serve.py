@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
+import threading
+import time
 from pathlib import Path
 
 from .common import CLIError, add_model_args, add_prefix_args, load_model, positive_int, run_cli
@@ -66,15 +69,39 @@ def _main(argv) -> int:
                               request_timeout_s=float(a.request_timeout), max_connections=a.max_connections,
                               api_key=a.api_key, exposed=exposed, image_dirs=dirs, compile=a.compile,
                               prefix_cache_bytes=a.prefix_cache_mib << 20, prefix_block=a.prefix_block)
+    settings.engine_thread = False  # the engine loop runs on this (the main) thread, HTTP on another
     app = create_app(ck, settings, a.served_model_name)  # a ValueError (a prefix cache too small) is reported
+    runner = app.state.runner
     if a.compile:
         print("compiling the engine step before serving (30-90 s) ...")
-    print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (the page; the OpenAI API under /v1)")
+        print(f"compiled and warmed up in {runner.engine.warm_up():.0f} s")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level=a.log_level))
+    failed: list[OSError] = []
+
+    def http():
+        try:
+            server.run()
+        except OSError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=http, name="diffusiongemma-http", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        why = f": {failed[0].strerror}" if failed else " (see the log above)"
+        raise CLIError(f"cannot listen on {a.host}:{a.port}{why}")
+    print(f"serving {app.state.model_name} on http://{a.host}:{a.port}/ (the page; the OpenAI API under /v1)")
+    # uvicorn off the main thread installs no signal handlers: SIGTERM and Ctrl-C shut it down from here
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
-        uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level=a.log_level)).run()
-    except OSError as e:
-        raise CLIError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
+        runner.run(alive=thread.is_alive)  # until the HTTP server stops (its shutdown stops the loop)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(timeout=15)
+        raise
+    thread.join(timeout=15)
     return 0
 
 

@@ -60,6 +60,9 @@ class ServerSettings:
     compile: bool = False  # the compiled step runner (Engine(runner="compiled")), warmed up before serving
     prefix_cache_bytes: int = 1 << 30  # the prefix cache (`engine.prefix`); 0 turns it off
     prefix_block: int = 16  # tokens per prefix-cache block
+    # the engine loop on a thread of its own, started with the app; `serve` sets False and runs the loop on the
+    # main thread itself (`app.state.runner.run()`), where PyTorch's CPU ops run faster
+    engine_thread: bool = True
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -112,6 +115,8 @@ def create_app(checkpoint, settings: ServerSettings | None = None, model_name: s
 
     @app.on_event("startup")
     async def _start():
+        if not s.engine_thread:  # the caller runs the loop (and any warm-up) on its own thread
+            return
         if s.compile:  # compile before the first request, not during it
             say = logging.getLogger("uvicorn.error")  # shown at uvicorn's log level, beside its own startup lines
             say.info("compiling the engine step (once, before serving) ...")
