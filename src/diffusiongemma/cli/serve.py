@@ -22,6 +22,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _one_malloc_arena() -> None:
+    """glibc gives each thread that allocates its own malloc arena, and a thread's arena keeps what large request
+    bodies freed (measured: 14-57 MiB more resident after three refused 15 MB prompts with HTTP on its own
+    thread, against 14 MiB with it on the main thread). One arena for every thread returns it as before."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        pass
+
+
 def _main(argv) -> int:
     import uvicorn
 
@@ -85,6 +97,7 @@ def _main(argv) -> int:
         except OSError as e:
             failed.append(e)
 
+    _one_malloc_arena()
     thread = threading.Thread(target=http, name="diffusiongemma-http", daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
