@@ -19,6 +19,7 @@ off, so both sides do the same work and each point's cost is its shape's, not th
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from pathlib import Path
@@ -234,7 +235,7 @@ def concurrency(a, model_dir: Path, out: Path) -> dict:
         series["engine packed"].append({"n": n, **_engine_point(packed, prompts[:n], params)})
         print(f"  ours at {n}: {series['engine'][-1]['tokens_per_s']:.1f} / "
               f"{series['engine packed'][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
-    if ck.tokenizer is not None and "server" in a.sides:
+    if ck.tokenizer is not None:  # the server needs a tokenizer
         series["server"] = _server_series(a, model_dir, ck, L)
     if "reference" in a.sides:
         reference, series["reference lock-step"] = Reference(model_dir, dtype), []
@@ -325,6 +326,34 @@ def canvases(a, model_dir: Path, out: Path) -> dict:
                   "per canvas", ["canvases", "tokens", "tokens/s ours", "tokens/s ref", "ratio"], rows,
                   {"env": environment(model=str(model_dir), dtype=a.dtype, steps=a.steps), "ours": ours,
                    "reference": ref}, "canvases per answer", panels, logx=True)
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {s!r}") from None
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """`bench`'s curve options."""
+    c = ap.add_argument_group("curves (--curve): how cost grows; each a table, a JSON line and a PNG under --out")
+    c.add_argument("--curve", choices=["prefix", "context", "concurrency", "canvases"],
+                   help="prefix: TTFT per chat turn with and without the prefix cache; context: step and commit cost "
+                        "against committed context; concurrency: tokens/s and latency against concurrent requests; "
+                        "canvases: tokens/s against answer length")
+    c.add_argument("--out", default="bench-curves", help="where curves write their JSON and PNG")
+    c.add_argument("--turns", type=int, default=3, help="prefix: chat turns")
+    c.add_argument("--system-tokens", type=int, default=2048, help="prefix, without a tokenizer: system prompt ids")
+    c.add_argument("--turn-tokens", type=int, default=64, help="prefix, without a tokenizer: ids per user turn")
+    c.add_argument("--prefix-cache-mib", type=int, default=1024, help="prefix: the cache's size")
+    c.add_argument("--contexts", type=_int_list, default=[0, 1024, 4096, 16384, 32768], help="context: lengths")
+    c.add_argument("--ref-max-context", type=int, default=4096, help="context: the reference's longest")
+    c.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8, 16], help="concurrency: request counts")
+    c.add_argument("--ref-max-batch", type=int, default=16, help="concurrency: the reference's largest batch")
+    c.add_argument("--canvases", type=_int_list, default=[1, 4, 16], help="canvases: answer lengths")
+    c.add_argument("--ref-max-canvases", type=int, default=16, help="canvases: the reference's longest")
+    c.add_argument("--prompt-tokens", type=int, default=32, help="concurrency, canvases: prompt length")
 
 
 def run(a, model_dir: Path, out: Path) -> int:

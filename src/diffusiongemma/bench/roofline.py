@@ -9,8 +9,10 @@ keeps a step below the peak).
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,4 +78,34 @@ def achieved(cfg: TextConfig, canvas: int, ms_decoder: float | None, ms_vocabula
             rate = flops / (ms / 1000)
             out[f"{phase}_GFLOP_per_s"] = rate / 1e9
             out[f"{phase}_of_peak"] = rate / peak[shape]
+    return out
+
+
+def report(model_dir: Path, a, med: dict) -> dict:
+    """Achieved FLOP/s of each phase against this machine's matmul peak for the step's shapes (`bench.roofline`)."""
+    from ..config import ModelConfig
+
+    config = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+    cfg, L = config.text, config.canvas_length
+    peak = peaks(cfg, L)[a.dtype]
+    steps = med.get("ours", {}).get("steps_per_canvas") or 1
+    # our engine skips the soft embedding on a canvas's last step when it hits the step cap (fixed mode: always)
+    ours_soft = (a.steps - 1) / a.steps if a.mode == "fixed" else 1.0
+    out = {"peak_GFLOP_per_s": {k: v / 1e9 for k, v in peak.items()}}
+    for side, soft in (("ours", ours_soft), ("reference", 1.0)):
+        m = med.get(side)
+        if m:
+            # apart only where they were timed apart: the compiled step and the reference's forward hold both
+            apart = side == "ours" and bool(m.get("ms_vocabulary"))
+            out[side] = achieved(cfg, L, m.get("ms_decoder_forward") if apart else None,
+                                          m.get("ms_vocabulary") if apart else None, m.get("ms_step"), soft, peak)
+    print(f"roofline ({a.dtype}, this machine): matmul peak {out['peak_GFLOP_per_s']['vocabulary']:.0f} GFLOP/s for "
+          f"[{L} x {cfg.hidden_size}] x [{cfg.hidden_size} x 8192], {out['peak_GFLOP_per_s']['mlp']:.0f} for "
+          f"[{L} x {cfg.hidden_size}] x [{cfg.hidden_size} x {cfg.intermediate_size}] (steps per canvas {steps:.1f})")
+    for side in ("ours", "reference"):
+        r = out.get(side)
+        if r:
+            parts = [f"{ph} {r[ph + '_GFLOP_per_s']:.0f} GFLOP/s ({100 * r[ph + '_of_peak']:.0f}% of peak)"
+                     for ph in ("decoder", "vocabulary", "step") if ph + "_GFLOP_per_s" in r]
+            print(f"  {side}: {r['decoder_GFLOP'] + r['vocabulary_GFLOP']:.1f} GFLOP per step; " + ", ".join(parts))
     return out

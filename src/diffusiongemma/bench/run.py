@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..loader.random_weights import SIZES, write_random_checkpoint
+from . import curves, roofline
 from .memory import rss_bytes
 
 CACHE = Path(os.environ.get("DIFFUSIONGEMMA_CACHE", Path.home() / ".cache" / "diffusiongemma"))
@@ -239,44 +240,6 @@ def _checkpoint(a) -> Path:
     return path
 
 
-def _roofline(model_dir: Path, a, med: dict) -> dict:
-    """Achieved FLOP/s of each phase against this machine's matmul peak for the step's shapes (`bench.roofline`)."""
-    from ..config import ModelConfig
-    from . import roofline
-
-    config = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
-    cfg, L = config.text, config.canvas_length
-    peak = roofline.peaks(cfg, L)[a.dtype]
-    steps = med.get("ours", {}).get("steps_per_canvas") or 1
-    # our engine skips the soft embedding on a canvas's last step when it hits the step cap (fixed mode: always)
-    ours_soft = (a.steps - 1) / a.steps if a.mode == "fixed" else 1.0
-    out = {"peak_GFLOP_per_s": {k: v / 1e9 for k, v in peak.items()}}
-    for side, soft in (("ours", ours_soft), ("reference", 1.0)):
-        m = med.get(side)
-        if m:
-            # apart only where they were timed apart: the compiled step and the reference's forward hold both
-            apart = side == "ours" and bool(m.get("ms_vocabulary"))
-            out[side] = roofline.achieved(cfg, L, m.get("ms_decoder_forward") if apart else None,
-                                          m.get("ms_vocabulary") if apart else None, m.get("ms_step"), soft, peak)
-    print(f"roofline ({a.dtype}, this machine): matmul peak {out['peak_GFLOP_per_s']['vocabulary']:.0f} GFLOP/s for "
-          f"[{L} x {cfg.hidden_size}] x [{cfg.hidden_size} x 8192], {out['peak_GFLOP_per_s']['mlp']:.0f} for "
-          f"[{L} x {cfg.hidden_size}] x [{cfg.hidden_size} x {cfg.intermediate_size}] (steps per canvas {steps:.1f})")
-    for side in ("ours", "reference"):
-        r = out.get(side)
-        if r:
-            parts = [f"{ph} {r[ph + '_GFLOP_per_s']:.0f} GFLOP/s ({100 * r[ph + '_of_peak']:.0f}% of peak)"
-                     for ph in ("decoder", "vocabulary", "step") if ph + "_GFLOP_per_s" in r]
-            print(f"  {side}: {r['decoder_GFLOP'] + r['vocabulary_GFLOP']:.1f} GFLOP per step; " + ", ".join(parts))
-    return out
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {s!r}") from None
-
-
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -308,23 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=None,
                     help="with --quant: the int4 group size (default: the largest of 128, 64, 32 that fits the size)")
     ap.add_argument("--profile", action="store_true", help="with --quant: the top operators of one decoder step")
-    c = ap.add_argument_group("curves (--curve): how cost grows; each a table, a JSON line and a PNG under --out")
-    c.add_argument("--curve", choices=["prefix", "context", "concurrency", "canvases"],
-                   help="prefix: TTFT per chat turn with and without the prefix cache; context: step and commit cost "
-                        "against committed context; concurrency: tokens/s and latency against concurrent requests; "
-                        "canvases: tokens/s against answer length")
-    c.add_argument("--out", default="bench-curves", help="where curves write their JSON and PNG")
-    c.add_argument("--turns", type=int, default=3, help="prefix: chat turns")
-    c.add_argument("--system-tokens", type=int, default=2048, help="prefix, without a tokenizer: system prompt ids")
-    c.add_argument("--turn-tokens", type=int, default=64, help="prefix, without a tokenizer: ids per user turn")
-    c.add_argument("--prefix-cache-mib", type=int, default=1024, help="prefix: the cache's size")
-    c.add_argument("--contexts", type=_int_list, default=[0, 1024, 4096, 16384, 32768], help="context: lengths")
-    c.add_argument("--ref-max-context", type=int, default=4096, help="context: the reference's longest")
-    c.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8, 16], help="concurrency: request counts")
-    c.add_argument("--ref-max-batch", type=int, default=16, help="concurrency: the reference's largest batch")
-    c.add_argument("--canvases", type=_int_list, default=[1, 4, 16], help="canvases: answer lengths")
-    c.add_argument("--ref-max-canvases", type=int, default=16, help="canvases: the reference's longest")
-    c.add_argument("--prompt-tokens", type=int, default=32, help="concurrency, canvases: prompt length")
+    curves.add_arguments(ap)
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -337,10 +284,10 @@ def main(argv=None) -> int:
     model_dir = _checkpoint(a)
     a.model = str(model_dir)
     if a.curve:
-        from . import curves, prefix
+        from . import prefix
 
         torch.set_num_threads(os.cpu_count() or 1)
-        a.sides = a.sides.split(",") + ["server"]
+        a.sides = a.sides.split(",")
         return (prefix if a.curve == "prefix" else curves).run(a, model_dir, Path(a.out))
     if a.max_tokens is None:
         a.max_tokens = json.loads((model_dir / "config.json").read_text()).get("canvas_length", 256)
@@ -392,7 +339,7 @@ def main(argv=None) -> int:
             ratio = o / r if better == "higher" else r / o if better == "lower" else o / r
         ratios[key] = ratio
         print(f"{label:42} {_fmt(o):>12} {_fmt(r):>12} {(_fmt(ratio) + 'x') if ratio else '-':>8}")
-    roof = _roofline(model_dir, a, med)
+    roof = roofline.report(model_dir, a, med)
     print(json.dumps({"bench": {"env": env, "ours": med.get("ours"), "reference": med.get("reference"),
                                 "ratio": ratios, "roofline": roof, "runs": results}}))
     return 0

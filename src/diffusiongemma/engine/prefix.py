@@ -180,7 +180,7 @@ class PrefixCache:
     def store(self, r: RequestState, encoded: list[int]) -> None:
         """After an encoder pass of r (and the verifier's take-back, if any): its full blocks go into the cache."""
         track, cache = r.prefix, r.cache
-        if track is None or cache is None or cache.length == 0 or not cache.recording:
+        if track is None or cache is None or not cache.recording:  # off, or the request already left
             return
         pending = (track.pending + list(encoded))[:cache.recorded]  # what the cache holds past the last block
         B = self.block_size
@@ -225,7 +225,3 @@ class PrefixCache:
                 st.evictions += 1
                 return True
         return False
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._stats.bytes = self._stats.blocks = 0
