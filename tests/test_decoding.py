@@ -39,7 +39,7 @@ def test_truncate_takes_tokens_back_on_every_layer_kind(pair):
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
         assert spare.layer(0)[0].shape[1] == 7  # a sliding layer shows window - 1 tokens
         nxt = torch.randint(7, 99, (16,), generator=g)
-        torch.testing.assert_close(m.decode(nxt, [spare]), m.decode(nxt, [plain]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.decode(nxt, [spare]), m.decode(nxt, [plain]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot take back 17"):
         spare.truncate(17)
 

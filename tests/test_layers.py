@@ -1,4 +1,4 @@
-"""The package's layers, from the bottom: config, sampling, cache, text (pure) -> model -> quant -> vision, loader ->
+"""The package's layers, from the bottom: config, parallel, sampling, cache, text (pure) -> model -> quant -> vision, loader ->
 engine -> generation -> server, cli, training, bench. No module imports one of a higher layer (read from
 the source, lazy imports inside functions included). Among the top four: the command line may import the
 server and training (it runs them), the benchmarks import training's task generators; nothing else."""
@@ -9,7 +9,7 @@ from pathlib import Path
 import diffusiongemma
 
 ROOT = Path(diffusiongemma.__file__).parent
-ORDER = ["config", "sampling", "cache", "text", "model", "quant", "vision", "loader", "engine", "generation"]
+ORDER = ["config", "parallel", "sampling", "cache", "text", "model", "quant", "vision", "loader", "engine", "generation"]
 TOP = {"server": set(), "training": set(), "bench": {"training"}, "cli": {"server", "training"}}
 
 

@@ -240,6 +240,19 @@ def _checkpoint(a) -> Path:
     return path
 
 
+def _checkpoint_once(a) -> Path:
+    """The random checkpoint, written by rank 0 only (the others wait for it) under torchrun."""
+    path = CACHE / f"random-{a.size}-{a.dtype}"
+    done = path / ".written"
+    if os.environ.get("RANK", "0") == "0":
+        _checkpoint(a)
+        done.touch()
+        return path
+    while not done.is_file() or not (path / "model.safetensors").is_file():
+        time.sleep(1)
+    return path
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -272,6 +285,12 @@ def main(argv=None) -> int:
                     help="with --quant: the int4 group size (default: the largest of 128, 64, 32 that fits the size)")
     ap.add_argument("--profile", action="store_true", help="with --quant: the top operators of one decoder step")
     curves.add_arguments(ap)
+    tp = ap.add_argument_group("tensor parallel (under torchrun --nproc-per-node N; bench.parallel)")
+    tp.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="shard the model over N processes: ms per step and per commit against one process, bytes "
+                         "per step by collective, weight memory per rank")
+    tp.add_argument("--expert-parallel", action="store_true", help="with --tensor-parallel: whole experts per rank")
+    tp.add_argument("--context-tokens", type=int, default=512, help="with --tensor-parallel: committed prompt tokens")
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -281,6 +300,10 @@ def main(argv=None) -> int:
         if a.model:
             ap.error("--quant writes its own random checkpoint of --size; quantize a model with diffusiongemma quantize")
         return run(a, CACHE)
+    if a.tensor_parallel > 1:
+        from . import parallel
+
+        return parallel.run(a, Path(a.model) if a.model else _checkpoint_once(a))
     model_dir = _checkpoint(a)
     a.model = str(model_dir)
     if a.curve:

@@ -39,9 +39,8 @@ def _main(argv) -> int:
     print(f"chatting with {gen.checkpoint.name} (thinking {'on' if thinking else 'off'}; /think on|off, /reset, /quit)",
           file=sys.stderr)
     while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
+        line = _read_line(gen.checkpoint.model.tp)
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -80,6 +79,18 @@ def _main(argv) -> int:
                         **({"tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                                            for c in res.tool_calls]} if res.tool_calls else {})})
     return 0
+
+
+def _read_line(tp) -> str | None:
+    """The user's next line (None at the end of input). Tensor parallel: rank 0 reads it, every rank gets it (they
+    all run this loop, in step)."""
+    line = None
+    if tp.rank == 0:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            pass
+    return tp.broadcast_object(line, "control")
 
 
 def main(argv=None) -> int:

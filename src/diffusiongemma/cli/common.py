@@ -61,6 +61,33 @@ def add_model_args(ap: argparse.ArgumentParser, runner: bool = True,
                     help="weight dtype (default float32; auto = the checkpoint's)")
     if runner:
         ap.add_argument("--compile", action="store_true", help=compile_help)
+    add_parallel_args(ap)
+
+
+def add_parallel_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("parallel (launch with torchrun --nproc-per-node N -m diffusiongemma ...)")
+    g.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                   help="shard attention heads, MLPs and the vocabulary over N processes (default 1)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel: each process holds a share of whole experts instead of a share "
+                        "of every expert")
+    g.add_argument("--dist-timeout", type=positive_int, default=120, metavar="S",
+                   help="seconds a collective may wait for the other processes before this one stops with an "
+                        "error (a rank that died or hangs; default 120)")
+
+
+def join_group(a):
+    """This process's tensor-parallel group (`parallel.init`); ranks other than 0 print nothing to stdout (every
+    rank runs the same generation in lock-step, rank 0 reports it)."""
+    import os
+
+    from ..parallel import init
+
+    tp = init(getattr(a, "tensor_parallel", 1), getattr(a, "expert_parallel", False),
+              timeout_s=float(getattr(a, "dist_timeout", 120)))
+    if tp.rank:
+        sys.stdout = open(os.devnull, "w")
+    return tp
 
 
 def _setting(name: str):
@@ -95,7 +122,8 @@ def output_options(a) -> OutputOptions:
 def load_model(a, vision: bool | None = None):
     import diffusiongemma as dg
 
-    return dg.load(a.model or default_model_dir(), dtype=a.dtype, vision=vision, revision=a.revision)
+    return dg.load(a.model or default_model_dir(), dtype=a.dtype, vision=vision, revision=a.revision,
+                   tp=join_group(a))
 
 
 def make_generator(a, ck, **engine_kw) -> Generator:
@@ -111,11 +139,15 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from ..text.tokenizer import TokenizerError
     from ..vision.preprocess import ImageError
 
+    from ..parallel import CollectiveError
+
     return (CLIError, ConfigError, CheckpointError, RequestError, ChatError, TokenizerError, ImageError, OSError,
-            json.JSONDecodeError, ValueError)
+            json.JSONDecodeError, ValueError, CollectiveError)
 
 
 def run_cli(prog: str, fn, argv) -> int:
+    from ..parallel import shutdown
+
     try:
         return fn(argv) or 0
     except KeyboardInterrupt:
@@ -125,6 +157,8 @@ def run_cli(prog: str, fn, argv) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
 
 
 class CanvasView:

@@ -37,7 +37,7 @@ def _one_malloc_arena() -> None:
 def _main(argv) -> int:
     import uvicorn
 
-    from ..server.app import Limits, ServerSettings, create_app, uvicorn_config
+    from ..server.app import Limits, ServerSettings, create_app, server_generator, uvicorn_config
 
     ap = argparse.ArgumentParser(prog="diffusiongemma serve", description=__doc__)
     add_model_args(ap, compile_help="compile the denoising step and commit with torch.compile before serving "
@@ -82,6 +82,9 @@ def _main(argv) -> int:
                               api_key=a.api_key, exposed=exposed, image_dirs=dirs, compile=a.compile,
                               prefix_cache_bytes=a.prefix_cache_mib << 20, prefix_block=a.prefix_block)
     settings.engine_thread = False  # the engine loop runs on this (the main) thread, HTTP on another
+    if ck.model.tp.rank:  # tensor parallel: rank 0 serves HTTP, this rank steps in lock-step with it
+        server_generator(ck, settings).lockstep.follow()
+        return 0
     app = create_app(ck, settings, a.served_model_name)  # a ValueError (a prefix cache too small) is reported
     runner = app.state.runner
     if a.compile:
@@ -114,8 +117,21 @@ def _main(argv) -> int:
         server.should_exit = True
         thread.join(timeout=15)
         raise
+    finally:
+        _stop_followers(runner.generator)
     thread.join(timeout=15)
     return 0
+
+
+def _stop_followers(gen) -> None:
+    """Tensor parallel: the other ranks return from their loop (unless they are gone already)."""
+    from ..parallel import CollectiveError
+
+    if gen.lockstep is not None:
+        try:
+            gen.lockstep.stop()
+        except CollectiveError:
+            pass
 
 
 def main(argv=None) -> int:

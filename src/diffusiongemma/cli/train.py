@@ -3,6 +3,7 @@
     diffusiongemma train --recipe shipped --out models/diffusiongemma-tiny      # from scratch (text and vision)
     diffusiongemma train --model DIR --data chats.jsonl --out DIR2 [--lora 8]   # fine-tune (LoRA merged at the end)
     ... --resume                                                                # continue a run saved in --out
+    torchrun --nproc-per-node N -m diffusiongemma train --fsdp ...             # FSDP2 over N processes
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def _shipped(a, out: Path, rec, passages) -> bool:
     from ..training.trainer import TrainConfig, Trainer
     from ..vision.tower import Vision
 
-    if not (a.resume and (out / "tokenizer.json").is_file()):
+    if not (a.resume and (out / "tokenizer.json").is_file()) and a.dp.leader:
         print("training the tokenizer...", file=sys.stderr)
         save_tokenizer(train_tokenizer(R.tokenizer_texts(rec, passages), rec.vocab_size), out)
+    a.dp.barrier()  # the other ranks read rank 0's tokenizer
     tok = Tokenizer.from_dir(out)
     config = R.model_config(tok.vocab_size)
     ids = (config.boi_token_id, config.image_token_id, config.eoi_token_id)
@@ -77,7 +79,7 @@ def _shipped(a, out: Path, rec, passages) -> bool:
                      a.ar_scope or rec.ar_scope)
     tr = Trainer(model, config, R.generation_config(), data, obj, tcfg, out, end_id=tok.require_id("<eos>"),
                  pad_id=tok.require_id("<pad>"), save_extra=save_extra, vision=vision,
-                 soft_ids=(config.image_token_id,))
+                 soft_ids=(config.image_token_id,), dp=a.dp)
     if a.resume and tr.resume():
         print(f"resuming at step {tr.step}", file=sys.stderr)
     tr.run()
@@ -112,7 +114,8 @@ def _finetune(a, out: Path):
                        warmup=min(50, steps // 10 + 1), stop_after=a.stop_after)
     tr = Trainer(model, ck.config, ck.generation_config, data, _objective(a, ck.config.canvas_length,
                  a.canvases_per_example or 1, a.ar_scope or "all"), tcfg, out, end_id=tok.require_id("<eos>"),
-                 pad_id=tok.require_id("<pad>"), save_extra=_copy_tokenizer(Path(a.model)), save_base=not a.base_quant)
+                 pad_id=tok.require_id("<pad>"), save_extra=_copy_tokenizer(Path(a.model)), save_base=not a.base_quant,
+                 dp=a.dp)
     if a.resume and tr.resume():
         print(f"resuming at step {tr.step}", file=sys.stderr)
     tr.run()
@@ -158,10 +161,22 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after", type=int, help="end this run at that step (resume later with --resume)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun --nproc-per-node N: FSDP2 over the text layers, each rank training on its "
+                         "share of every batch (one process without torchrun)")
     ap.add_argument("--qk-norm-init", action=argparse.BooleanOptionalAction, default=True,
                     help="recipe: start q/k norm weights at head_dim^-1/4, unit-scale attention logits at init "
                     "(default; --no-qk-norm-init keeps the reference's all-ones init)")
     a = ap.parse_args(argv)
+    from ..parallel import world_from_env
+    from ..training.distributed import DataParallel
+
+    world = world_from_env()
+    if world and world[1] > 1 and not a.fsdp:
+        ap.error(f"{world[1]} processes (torchrun) train together only with --fsdp")
+    if a.fsdp and a.base_quant:
+        ap.error("--fsdp trains the whole model; --base-quant trains adapters over a frozen base (one process)")
+    a.dp = DataParallel.from_env() if a.fsdp else DataParallel()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)

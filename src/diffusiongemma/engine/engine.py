@@ -64,8 +64,12 @@ class Engine:
                                                batch_invariant=batch_invariant, vision=vision,
                                                soft_token_ids=tuple(soft_token_ids))
         self.max_context = self.runner.max_context
-        self.prefix = PrefixCache(model.config, prefix_cache, prefix_block, model.dtype) if prefix_cache else None
+        self.prefix = PrefixCache(model.cache_config, prefix_cache, prefix_block, model.dtype) if prefix_cache else None
         self._waiting: deque[RequestState] = deque()
+        # Tensor-parallel serving (`generation.lockstep`): rank 0 holds new requests here until every rank has
+        # been told of them, so that all ranks admit the same requests at the same step.
+        self.hold_new = False
+        self._held: dict[str, RequestState] = {}
         self._active: list[RequestState] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -120,8 +124,16 @@ class Engine:
                            RequestStats(prompt_tokens=len(prompt), decoding=resolved.decoding), time.perf_counter(),
                            images=list(images) if images else None, to_encode=list(prompt), constraint=constraint)
         with self._lock:
-            self._waiting.append(req)
+            if self.hold_new:
+                self._held[rid] = req
+            else:
+                self._waiting.append(req)
         return rid
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Held requests (`hold_new`) join the queue, in this order."""
+        with self._lock:
+            self._waiting.extend(self._held.pop(rid) for rid in request_ids if rid in self._held)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -129,7 +141,7 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._active)
+            return bool(self._waiting or self._active or self._held)
 
     @property
     def num_active(self) -> int:

@@ -137,7 +137,7 @@ class EagerRunner:
         with self.timings("decoder"):
             hidden = m.decode(canvases, [r.cache for r in group], soft, lengths=[L] * len(group))
         with self.timings("vocabulary"):
-            return vocab_pass(hidden, m.embed_tokens.weight, m.config.final_logit_softcapping, temps, uniforms,
+            return vocab_pass(hidden, m.head_weight, m.config.final_logit_softcapping, temps, uniforms,
                               any(r.wants_soft for r in group), m.embed_scale(), chunk=self.vocab_chunk)
 
 
@@ -222,4 +222,7 @@ RUNNERS = {cls.name: cls for cls in (EagerRunner, CompiledRunner, StaticRunner)}
 def make_runner(name: str, model: DiffusionGemmaText, canvas_length: int, timings: Timings, **kw) -> EagerRunner:
     if name not in RUNNERS:
         raise ValueError(f"unknown step runner {name!r}; choose one of {', '.join(RUNNERS)}")
+    if model.tp.active and name != "eager":
+        raise ValueError(f"the {name} step runner does not run tensor-parallel yet; use the eager runner "
+                         "(no --compile) with --tensor-parallel")
     return RUNNERS[name](model, canvas_length, timings, **kw)

@@ -32,7 +32,7 @@ from .request import RequestState
 def next_token(model: DiffusionGemmaText, r: RequestState, hidden: torch.Tensor, key: tuple[int, int],
                chunk: int) -> int:
     """The verifier's token after hidden [D]; `key` (canvas, step) keys the draw when sampling."""
-    w, cap, t = model.embed_tokens.weight, model.config.final_logit_softcapping, r.params.ar_temperature
+    w, cap, t = model.head_weight, model.config.final_logit_softcapping, r.params.ar_temperature
     allowed = r.constraint.masks([])[0][None] if r.constraint is not None else None
     if t == 0:
         best, _ = target_logprobs(hidden[None], w, cap, torch.ones(1, device=hidden.device),
@@ -52,7 +52,7 @@ def verify(model: DiffusionGemmaText, r: RequestState, canvas: list[int], hidden
     hidden states over it (after `r.last_hidden`, the state at the last cached token). Returns (k, token):
     canvas[:k] accepted, and the verifier's token at position k (a correction, or the bonus when k == L)."""
     P = len(r.pinned)
-    w, cap, t = model.embed_tokens.weight, model.config.final_logit_softcapping, r.params.ar_temperature
+    w, cap, t = model.head_weight, model.config.final_logit_softcapping, r.params.ar_temperature
     dev = hidden.device
     draft = canvas[P:]
     # row j is the state before draft[j]; the last row, after the whole canvas, gives the bonus token

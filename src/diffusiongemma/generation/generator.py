@@ -18,14 +18,19 @@ from collections.abc import Iterator, Sequence
 
 from ..engine import Engine, RequestError, SamplingParams
 from .output import Output, OutputOptions, Result, TextRequest
+from .lockstep import Lockstep
 from .prompt import Prompt, PromptBuilder
 from .structured import Grammars
 
 
 class Generator:
-    def __init__(self, checkpoint, engine: Engine | None = None, **engine_kw):
+    def __init__(self, checkpoint, engine: Engine | None = None, lockstep: bool = False, **engine_kw):
         """checkpoint: a `load()`ed directory with a tokenizer. engine: an engine built for it (default: one
-        with `engine_kw`, e.g. `max_batch`, `runner`)."""
+        with `engine_kw`, e.g. `max_batch`, `runner`).
+
+        lockstep: with a tensor-parallel model, rank 0 takes the requests and the other ranks follow it
+        (`generation.lockstep`: a server). Without it every rank is expected to make the same calls itself (a
+        program run on every rank alike: generate, chat, eval)."""
         self.checkpoint = checkpoint
         self.prompts = PromptBuilder.of(checkpoint)
         self.tokenizer = checkpoint.tokenizer
@@ -36,6 +41,8 @@ class Generator:
         self.grammars = Grammars(self.tokenizer, checkpoint.config.text.vocab_size,
                                  checkpoint.generation_config.eos_token_id)
         self._compiled: dict[str, str] = {}  # schema (JSON) -> grammar
+        tp = checkpoint.model.tp
+        self.lockstep = Lockstep(self, tp) if lockstep and tp.active else None
 
     # -- prompts ---------------------------------------------------------------------------------------
     def chat(self, messages, tools=None, thinking: bool = False, policy=None, tool_choice="auto") -> Prompt:
@@ -47,9 +54,20 @@ class Generator:
     # -- requests --------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt | Sequence[int], params: SamplingParams | None = None,
                options: OutputOptions | None = None, request_id: str | None = None) -> str:
-        """Queue a request (a `Prompt`, or token ids); returns its id. Raises RequestError naming a bad setting."""
+        """Queue a request (a `Prompt`, or token ids); returns its id. Raises RequestError naming a bad setting.
+        Tensor parallel (rank 0): the request reaches the other ranks with the next step (`lockstep`)."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         options = options or OutputOptions()
+        if self.lockstep is None:
+            return self.submit_local(prompt, params, options, request_id)
+        with self.lockstep.lock():  # the request and its record for the other ranks, in the same order
+            rid = self.submit_local(prompt, params, options, request_id or f"gen-{next(self._ids)}")
+            self.lockstep.submitted((prompt, params, options, rid))
+        return rid
+
+    def submit_local(self, prompt: Prompt, params: SamplingParams | None, options: OutputOptions,
+                     request_id: str | None) -> str:
+        """`submit` on this process alone."""
         constraint = self._constraint(options, prompt, params)
         rid = request_id or f"gen-{next(self._ids)}"
         tr = TextRequest(rid, self.tokenizer, options, prompt.forced)
@@ -86,13 +104,27 @@ class Generator:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step (its cache is freed; it finishes with `cancelled`)."""
-        self.engine.cancel(request_id)
+        if self.lockstep is not None:
+            self.lockstep.cancel(request_id)
+        else:
+            self.engine.cancel(request_id)
 
     def has_work(self) -> bool:
         return self.engine.has_work()
 
     def step(self) -> list[tuple[str, Output]]:
-        """One engine step; the outputs it produced, by request id. A request's `Result` is its last output."""
+        """One engine step; the outputs it produced, by request id. A request's `Result` is its last output.
+        Tensor parallel: rank 0 first tells the other ranks what arrived and to step (`lockstep`)."""
+        if self.lockstep is not None:
+            self.lockstep.sync(step=True)
+        return self.step_local()
+
+    def idle(self) -> None:
+        """Nothing to step (rank 0 of a tensor-parallel group: the other ranks hear that it is alive)."""
+        if self.lockstep is not None:
+            self.lockstep.sync(step=False)
+
+    def step_local(self) -> list[tuple[str, Output]]:
         out = []
         for ev in self.engine.step():
             with self._lock:

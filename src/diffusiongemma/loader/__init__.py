@@ -18,6 +18,7 @@ import torch
 
 from ..config import ConfigError, GenerationConfig, ModelConfig, VisionConfig
 from ..model import DiffusionGemmaText
+from ..parallel import SINGLE, TensorParallel
 from .keys import vision_shapes
 from .weights import (
     CheckpointError,
@@ -112,12 +113,14 @@ def resolve(model: str | Path, revision: str | None = None) -> Path:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-         vision: bool | None = None, text: bool | None = None, revision: str | None = None) -> Checkpoint:
+         vision: bool | None = None, text: bool | None = None, revision: str | None = None,
+         tp: TensorParallel = SINGLE) -> Checkpoint:
     """Load a checkpoint directory, or a model id from the local Hugging Face cache (`resolve`). Errors name
     the file, key and shapes involved.
 
     vision: load the vision tower (None: when the checkpoint has one; True: an error if it has none).
-    text: load the tokenizer and chat template (None: when the directory has tokenizer.json)."""
+    text: load the tokenizer and chat template (None: when the directory has tokenizer.json).
+    tp: this process's tensor-parallel group (`parallel.init`): only its shard of the text weights is read."""
     path = resolve(path, revision)
     config = ModelConfig.from_file(path / "config.json")
     gen_file = path / "generation_config.json"
@@ -126,7 +129,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     dtype = resolve_dtype(dtype, config)
     files = WeightFiles(path)
     vision_keys = check_vision(files, config)
-    model = read_text_model(files, config, dtype, device)
+    model = read_text_model(files, config, dtype, device, tp)
     if vision and not vision_keys:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint")
     tower = read_vision(files, vision_keys, config, dtype, device) if vision_keys and vision is not False else None

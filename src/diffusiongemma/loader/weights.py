@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 from ..config import GenerationConfig, ModelConfig
 from ..model import DiffusionGemmaText
 from ..model.layers import RotaryEmbedding
+from ..model.shard import read_slice, shard_text_model, slices
+from ..parallel import SINGLE, TensorParallel
 from .keys import VISION_PREFIXES, VISION_ROOT, shared_key, text_key_map, vision_shapes
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -97,6 +99,12 @@ class WeightFiles:
     def tensor(self, key: str) -> torch.Tensor:
         return self._handle(self.files[key]).get_tensor(key)
 
+    def part(self, key: str, rule) -> torch.Tensor:
+        """The slice `rule` (`model.shard.slices`) of a stored tensor, read without the rest of it."""
+        if rule is None:
+            return self.tensor(key)
+        return read_slice(self._handle(self.files[key]).get_slice(key), self.shape(key), rule)
+
     def vision_keys(self) -> list[str]:
         return sorted(k for k in self.files if k.startswith(VISION_PREFIXES))
 
@@ -123,10 +131,19 @@ def check_vision(files: WeightFiles, config: ModelConfig) -> list[str]:
 
 
 def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
-                    device: str | torch.device) -> DiffusionGemmaText:
+                    device: str | torch.device, tp: TensorParallel = SINGLE) -> DiffusionGemmaText:
     """The text model with every weight read, checked and assigned (in eval mode, no gradients). With a
-    `quantization_config`, the quantized modules are built from their stored encodings (`loader.quantized`)."""
+    `quantization_config`, the quantized modules are built from their stored encodings (`loader.quantized`).
+    With a tensor-parallel group, only this rank's slice of each sharded tensor is read (`model.shard`)."""
     model = build_text_model(config)
+    full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rules = {}
+    if tp.active:
+        if config.quantization is not None:
+            raise CheckpointError(f"{files.path}: tensor parallelism over quantized weights is not supported yet; "
+                                  "load the bfloat16 checkpoint, or run one process")
+        shard_text_model(model, tp)  # checks the shapes divide, before any weight is read
+        rules = {k: slices(k, config.text, tp) for k in full_shapes}
     replaced, consumed = set(), set()
     if config.quantization is not None:
         from ..quant.config import QuantConfigError, QuantPlan
@@ -140,7 +157,8 @@ def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
         consumed = consumed_keys(files, replaced)
     quant_prefixes = tuple(name + "." for name in replaced)
     quant_state = {k: v for k, v in model.state_dict().items() if k.startswith(quant_prefixes)}
-    state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in quant_state}
+    state_shapes = {k: full_shapes.get(k, tuple(v.shape)) for k, v in model.state_dict().items()
+                    if k not in quant_state}
     key_map = text_key_map(state_shapes)
     expected = {k: state_shapes[m] for k, m in key_map.items()}
     missing = sorted(k for k in expected if k not in files.files)
@@ -159,7 +177,7 @@ def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
         if files.shape(k) != expected[k]:
             raise CheckpointError(f"{files.path}: tensor {k} has shape {list(files.shape(k))}, "
                                   f"expected {list(expected[k])}")
-        src = files.tensor(k)
+        src = files.part(k, rules.get(name))
         t = src.to(device=device, dtype=dtype)
         # beside quantized weights, the few full-precision tensors are copied out of the file: a tensor that maps
         # its file keeps every page the load read from it resident
@@ -168,7 +186,8 @@ def read_text_model(files: WeightFiles, config: ModelConfig, dtype: torch.dtype,
     for k, shared in duplicates:
         if shared not in expected:
             raise CheckpointError(f"{files.path}: tensor {k} duplicates {shared}, which is stored quantized")
-        if files.shape(k) != expected[shared] or not torch.equal(files.tensor(k).to(dtype), state[key_map[shared]]):
+        stored = files.part(k, rules.get(key_map[shared])) if files.shape(k) == expected[shared] else None
+        if stored is None or not torch.equal(stored.to(dtype), state[key_map[shared]]):
             raise CheckpointError(f"{files.path}: tensor {k} differs from {shared}; encoder and decoder (and the LM "
                                   "head) must share their weights")
     model.load_state_dict(state, assign=True, strict=True)

@@ -23,11 +23,15 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import TextConfig
+from ..parallel import SINGLE
 from .layers import RMSNorm, apply_rope, may_reorder_sums, rms
 
 
 class Attention(nn.Module):
-    """q/k norms, weightless v norm, V = raw K on global layers (no v_proj), scale 1.0, GQA."""
+    """q/k norms, weightless v norm, V = raw K on global layers (no v_proj), scale 1.0, GQA. Under tensor
+    parallelism (`model.shard`) a rank holds some heads; its o_proj output is summed over the ranks."""
+
+    tp = SINGLE
 
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()
@@ -51,7 +55,8 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
         k, v = self.keys_values(x, rope)
         out = mode.attend(self.layer, self.layer_type, q, k, v)  # [N, H, d]
-        return self.o_proj(out.reshape(n, self.heads * self.head_dim))
+        out = self.o_proj(out.reshape(n, self.heads * self.head_dim))
+        return self.tp.all_reduce(out, "attention") if self.tp.active else out
 
     def keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (k-norm, RoPE) and values (weightless v-norm; raw keys on K = V layers), [N, Hkv, d] each."""

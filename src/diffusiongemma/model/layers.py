@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeParameters, TextConfig
+from ..parallel import SINGLE
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,13 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """E GeGLU experts stored as 3-D tensors (checkpoint layout):
-    gate_up_proj [E, 2I, D] (rows 0..I-1 gate, I..2I-1 up), down_proj [E, D, I]."""
+    gate_up_proj [E, 2I, D] (rows 0..I-1 gate, I..2I-1 up), down_proj [E, D, I].
+
+    Under tensor parallelism (`model.shard`) a rank holds every expert's share of I, or (expert parallel)
+    experts [first, first + E/N); either way it returns its fp32 partial sum, which the layer all-reduces."""
+
+    tp = SINGLE
+    first = 0  # the global index of this module's first expert
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -153,6 +160,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the (token, slot) assignments by expert and run each expert once on its rows
         (or every expert on every row, `forward_dense`, when that is small)."""
+        if self.tp.expert_parallel:
+            return self.forward_local(x, index, weights)
         if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, self.gate_up_proj):
             return self.forward_dense(x, index, weights)
         n, k = index.shape
@@ -168,7 +177,23 @@ class Experts(nn.Module):
         unsorted[order] = hidden
         # sum the k slots of each token in slot order, in fp32, rounding once
         out = unsorted.view(n, k, -1).sum(dim=1)
-        return out.to(x.dtype)
+        return out if self.tp.active else out.to(x.dtype)
+
+    def forward_local(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: only the (token, slot) assignments to this rank's experts, each expert once on its
+        rows; the fp32 sum over each token's slots (0 for slots other ranks hold)."""
+        n, k = index.shape
+        flat = index.reshape(-1) - self.first
+        mine = ((flat >= 0) & (flat < self.num_experts)).nonzero().squeeze(1)  # slots held here
+        local = flat[mine]
+        order = torch.argsort(local, stable=True)
+        slots = mine[order]
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, local, torch.ones_like(local))
+        hidden = self.grouped_mlp(x[slots // k], counts) * weights.reshape(-1)[slots, None]
+        out = torch.zeros(n * k, x.shape[1], dtype=torch.float32, device=x.device)
+        out[slots] = hidden.float()
+        return out.view(n, k, -1).sum(dim=1)
 
     def grouped_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Each expert's GeGLU on its rows (rows grouped by expert, counts[e] each)."""
@@ -183,7 +208,8 @@ class Experts(nn.Module):
         gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).split(self.intermediate, dim=-1)  # [E, N, I]
         hidden = torch.matmul(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, D]
         picked = hidden[index, torch.arange(n, device=x.device)[:, None]]  # [N, k, D]
-        return (picked * weights[..., None]).sum(dim=1).to(x.dtype)
+        out = (picked * weights[..., None]).sum(dim=1)
+        return out if self.tp.active else out.to(x.dtype)
 
     @staticmethod
     def _grouped(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, transpose: bool) -> torch.Tensor:

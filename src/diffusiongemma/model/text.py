@@ -23,13 +23,17 @@ from torch import nn
 
 from ..cache import KVCache, continuing_positions
 from ..config import TextConfig
+from ..parallel import SINGLE
 from ..sampling.head import lm_head
 from .attention import Attention, DecoderPass, EncoderPass
 from .layers import Experts, GeGLU, RMSNorm, RotaryEmbedding, Router
 
 
 class TextLayer(nn.Module):
-    """Attention, then the dense GeGLU MLP in parallel with the top-k MoE, then `layer_scalar`."""
+    """Attention, then the dense GeGLU MLP in parallel with the top-k MoE, then `layer_scalar`. Under tensor
+    parallelism the dense MLP's and the MoE's partial outputs are summed over the ranks in one all-reduce."""
+
+    tp = SINGLE
 
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()
@@ -52,9 +56,13 @@ class TextLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, mode) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope[self.layer_type], mode))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
         weights, index = self.router(x)  # the router reads the un-normed residual
-        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), index, weights))
+        moe = self.experts(self.pre_feedforward_layernorm_2(x), index, weights)
+        if self.tp.active:  # both partial sums in one collective, in the activation dtype (as Megatron, vLLM)
+            dense, moe = self.tp.all_reduce(torch.cat([dense, moe.to(x.dtype)]), "mlp").split(x.shape[0])
+        dense = self.post_feedforward_layernorm_1(dense)
+        moe = self.post_feedforward_layernorm_2(moe)
         x = x + self.post_feedforward_layernorm(dense + moe)
         return (x * getattr(self, mode.layer_scalar)).to(x.dtype)
 
@@ -65,7 +73,10 @@ class TextLayer(nn.Module):
 
 
 class SelfConditioning(GeGLU):
-    """post_norm(canvas_embeddings + GeGLU(pre_norm(soft_embedding))); post_norm has no weight."""
+    """post_norm(canvas_embeddings + GeGLU(pre_norm(soft_embedding))); post_norm has no weight. Under tensor
+    parallelism the GeGLU is split like the dense MLP: one all-reduce of [canvas, hidden] per step."""
+
+    tp = SINGLE
 
     def __init__(self, config: TextConfig):
         super().__init__(config.hidden_size, config.intermediate_size)
@@ -75,13 +86,23 @@ class SelfConditioning(GeGLU):
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         if soft is None:  # first step: the signal is exactly zero (RMS(0) = 0, no biases)
             return self.post_norm(embeds)
-        return self.post_norm(embeds + super().forward(self.pre_norm(soft)))
+        signal = super().forward(self.pre_norm(soft))
+        if self.tp.active:
+            signal = self.tp.all_reduce(signal, "self_conditioning")
+        return self.post_norm(embeds + signal)
 
 
 class DiffusionGemmaText(nn.Module):
+    """The stack. `tp`: the tensor-parallel group this rank belongs to (`model.shard` sets it, with the vocabulary
+    rows [vocab_start, vocab_start + V/N) of the tied embedding and `cache_config`, the rank's KV-cache shapes)."""
+
+    tp = SINGLE
+    vocab_start = 0
+
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
+        self.cache_config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TextLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -98,7 +119,7 @@ class DiffusionGemmaText(nn.Module):
 
     def new_cache(self, spare: int = 0) -> KVCache:
         """An empty cache for one sequence (`spare`: how many committed tokens `truncate` may take back)."""
-        return KVCache(self.config, self.dtype, self.device, spare)
+        return KVCache(self.cache_config, self.dtype, self.device, spare)
 
     # -- embeddings ------------------------------------------------------------------------------
     def embed_scale(self) -> torch.Tensor:
@@ -106,7 +127,22 @@ class DiffusionGemmaText(nn.Module):
         return torch.tensor(self.config.embed_scale, dtype=torch.float32).to(self.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids) * self.embed_scale()
+        if not self.tp.active:
+            return self.embed_tokens(ids) * self.embed_scale()
+        local = ids - self.vocab_start  # vocabulary-parallel: each id's row lives on one rank, the others add 0
+        held = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        rows = self.embed_tokens(torch.where(held, local, torch.zeros_like(local))) * held[:, None]
+        return self.tp.all_reduce(rows, "embedding") * self.embed_scale()
+
+    @property
+    def head_weight(self):
+        """The tied LM head's weight as the vocabulary functions (`sampling.vocab`) take it: the embedding, or
+        under tensor parallelism this rank's `VocabShard`."""
+        if not self.tp.active:
+            return self.embed_tokens.weight
+        from ..sampling.vocab import VocabShard
+
+        return VocabShard(self.embed_tokens.weight, self.vocab_start, self.config.vocab_size, self.tp)
 
     # -- the two modes ---------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor | None, caches: Sequence[KVCache],
@@ -168,10 +204,19 @@ class DiffusionGemmaText(nn.Module):
 
     # -- the vocabulary head (slow, full-logits reference path) ----------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head in the weight dtype, then fp32 softcap: cap * tanh(logits / cap)."""
-        return lm_head(hidden, self.embed_tokens.weight, self.config.final_logit_softcapping)
+        """Tied LM head in the weight dtype, then fp32 softcap: cap * tanh(logits / cap) (all of the vocabulary:
+        under tensor parallelism each rank's columns are gathered)."""
+        z = lm_head(hidden, self.embed_tokens.weight, self.config.final_logit_softcapping)
+        if not self.tp.active:
+            return z
+        return torch.cat(list(self.tp.all_gather(z, "vocabulary").unbind(0)), dim=-1)
 
     def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) in fp32, cast to the weight dtype, times the embedding matrix and scale."""
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(self.dtype)
+        if self.tp.active:
+            n = self.embed_tokens.num_embeddings
+            out = self.tp.all_reduce(probs[..., self.vocab_start:self.vocab_start + n] @ self.embed_tokens.weight,
+                                     "vocabulary")
+            return out * self.embed_scale()
         return (probs @ self.embed_tokens.weight) * self.embed_scale()

@@ -94,13 +94,18 @@ def _text_bytes(value) -> int:
     return 0
 
 
+def server_generator(checkpoint, s: ServerSettings) -> Generator:
+    """The generator (and engine) a server runs; every rank of a tensor-parallel server builds the same one."""
+    return Generator(checkpoint, max_batch=s.max_batch, max_context=checkpoint.config.text.max_position_embeddings,
+                     runner="compiled" if s.compile else "eager", prefix_cache=s.prefix_cache_bytes,
+                     prefix_block=s.prefix_block, lockstep=True)
+
+
 def create_app(checkpoint, settings: ServerSettings | None = None, model_name: str | None = None) -> FastAPI:
     """The app serving a `load()`ed checkpoint (with its tokenizer)."""
     s = settings or ServerSettings()
     name = model_name or checkpoint.name
-    gen = Generator(checkpoint, max_batch=s.max_batch, max_context=checkpoint.config.text.max_position_embeddings,
-                    runner="compiled" if s.compile else "eager", prefix_cache=s.prefix_cache_bytes,
-                    prefix_block=s.prefix_block)
+    gen = server_generator(checkpoint, s)
     engine, tokenizer = gen.engine, gen.tokenizer
     media = MediaPolicy(allow_local_paths=bool(s.image_dirs), roots=tuple(s.image_dirs), max_bytes=s.max_image_bytes)
     runner = EngineRunner(gen, s.max_concurrent)

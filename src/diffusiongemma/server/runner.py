@@ -17,6 +17,7 @@ import time
 
 from ..engine import SamplingParams
 from ..generation import Generator, OutputOptions, Prompt, Result
+from ..parallel import CollectiveError
 
 log = logging.getLogger("diffusiongemma.server")
 
@@ -100,6 +101,8 @@ class EngineRunner:
             with self._wake:
                 while not self._stop and not self.generator.has_work() and alive():
                     self._wake.wait(timeout=1.0)
+                    if not self.generator.has_work():
+                        self.generator.idle()  # tensor parallel: the other ranks hear from rank 0
                 if self._stop or not alive():
                     return
             try:
@@ -107,6 +110,10 @@ class EngineRunner:
                 outputs = self.generator.step()
                 if self.on_step is not None:
                     self.on_step(time.perf_counter() - t0)
+            except CollectiveError:  # another rank died or hung: this group cannot serve any more
+                for rid in self.generator.fail_all():
+                    self._deliver(rid, EngineFailure("generation failed: a tensor-parallel rank stopped"))
+                raise
             except Exception as e:  # keep serving: fail the running requests, drop them
                 log.exception("engine step failed")
                 for rid in self.generator.fail_all():

@@ -148,7 +148,10 @@ def micro_batches(lengths: list[int], overhead: int = 512) -> list[list[int]]:
 
 
 def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveConfig,
-                 checkpoint: bool = False, vision=None, soft_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+                 checkpoint: bool = False, vision=None, soft_ids: tuple[int, ...] = (),
+                 any_rank=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch and its parts. any_rank(flag) -> whether any data-parallel rank's flag is set: then
+    every rank runs the self-conditioning first pass (FSDP's per-layer gathers must pair up over the ranks)."""
     dev = model.device
     tokens, valid = batch.tokens.to(dev), batch.valid.to(dev)
     context, clean, owner = batch.context.to(dev), batch.canvas.to(dev), batch.rows.to(dev)
@@ -195,13 +198,18 @@ def compute_loss(model: DiffusionGemmaText, batch: TrainBatch, cfg: ObjectiveCon
     everything = torch.arange(r, device=dev)
     soft = None
     use_sc = batch.self_cond.to(dev)
-    if bool(use_sc.any()):
+    want = bool(use_sc.any())
+    anyone = any_rank(want) if any_rank is not None else want  # every rank asks (a collective)
+    if want:
         sc_rows = use_sc.nonzero().squeeze(1)
         with torch.no_grad():  # first pass only for the canvases that will be conditioned on it
             first = model.logits(decode(sc_rows, None))
         soft = torch.zeros(r * L, model.config.hidden_size, dtype=model.dtype, device=dev)
         # under bf16 autocast the soft embedding comes out bf16; the buffer keeps the weights' dtype
         soft.view(r, L, -1)[sc_rows] = model.soft_embedding(first).view(len(sc_rows), L, -1).to(soft.dtype)
+    elif anyone:  # another rank conditions: pass in step with it, unused here
+        with torch.no_grad():
+            decode(everything[:1], None)
     bump = shift = None
     if cfg.loss == "loo":  # the logit of each position's observed noisy token, raised by log(1 + K (1-t)/t)
         alpha = (1 - t).clamp(1e-6, 1 - 1e-6)

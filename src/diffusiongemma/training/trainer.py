@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..loader import load, save
 from ..model import DiffusionGemmaText
 from ..sampling.draws import key_seed
+from .distributed import DataParallel
 from .lora import load_adapters, save_adapters
 from .objective import ObjectiveConfig, compute_loss, make_batch, micro_batches, padded_length
 
@@ -66,7 +68,8 @@ class Trainer:
     def __init__(self, model: DiffusionGemmaText, config: ModelConfig, generation_config: GenerationConfig,
                  data, objective: ObjectiveConfig, cfg: TrainConfig, out_dir: str | Path,
                  end_id: int, pad_id: int, save_extra=None, vision=None, soft_ids: tuple[int, ...] = (),
-                 save_base: bool = True):
+                 save_base: bool = True, dp: DataParallel | None = None):
+        """dp: this rank's place in data-parallel (FSDP2) training (`training.distributed`; default one process)."""
         self.model, self.config, self.gen = model, config, generation_config
         self.vision, self.soft_ids = vision, tuple(soft_ids)
         self.data, self.obj, self.cfg = data, objective, cfg
@@ -76,21 +79,39 @@ class Trainer:
         # False over a frozen quantized base: saves (and resumes) the adapters and optimizer only; the base is
         # re-made from its source (`cli.train --base-quant`), and the merged model is saved at the end
         self.save_base = save_base
-        self.opt = make_optimizer(torch.nn.ModuleList([model] + ([vision] if vision is not None else [])), cfg)
+        self.dp = dp or DataParallel()
+        if self.dp.active and not save_base:
+            raise ValueError("FSDP training saves the whole model: it does not train adapters over a quantized base")
+        if self.dp.active and cfg.batch_size < self.dp.size:
+            raise ValueError(f"a batch of {cfg.batch_size} examples cannot be split over {self.dp.size} ranks")
+        self.dp.shard(model, vision)  # before the optimizer: it holds the sharded parameters
+        self.modules = torch.nn.ModuleList([model] + ([vision] if vision is not None else []))
+        self.opt = make_optimizer(self.modules, cfg)
         self.step = 0
 
     def resume(self) -> bool:
         state_file = self.out / STATE
         if not state_file.is_file():
             return False
+        state = torch.load(state_file, weights_only=False)
+        if bool(state.get("by_name")) != self.dp.active:
+            raise ValueError(f"{state_file} was saved by {'an FSDP' if state.get('by_name') else 'a one-process'} "
+                             f"run; resume it the same way (--fsdp under torchrun, or one process)")
         if self.save_base:
             ck = load(self.out, dtype="float32", vision=self.vision is not None)
-            self.model.load_state_dict(ck.model.state_dict(), strict=False)
+            if self.dp.active:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(self.model, ck.model.state_dict(), options=StateDictOptions(full_state_dict=True))
+            else:
+                self.model.load_state_dict(ck.model.state_dict(), strict=False)
             if self.vision is not None:
                 self.vision.load_state_dict(ck.vision.state_dict())
         load_adapters(self.model, self.out)
-        state = torch.load(state_file, weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
+        if self.dp.active:
+            self.dp.load_optimizer_state(self.modules, self.opt, state["optimizer"])
+        else:
+            self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
         return True
 
@@ -99,10 +120,13 @@ class Trainer:
         encoder); every random draw is per example, so the split does not change the loss or its gradient."""
         cfg = self.cfg
         items = self.data.batch(step, cfg.batch_size)
-        gens = [torch.Generator().manual_seed(key_seed(cfg.seed, step, i, 9)) for i in range(len(items))]
+        mine = self.dp.indices(len(items))  # all of them in one process
+        gens = {i: torch.Generator().manual_seed(key_seed(cfg.seed, step, i, 9)) for i in mine}
         L = self.obj.canvas_length
-        groups = (micro_batches([padded_length(it, L) for it in items]) if cfg.micro_batching
-                  else [list(range(len(items)))])
+        if cfg.micro_batching and not self.dp.active:  # FSDP: one per rank (the ranks' forwards must pair up)
+            groups = [[mine[j] for j in g] for g in micro_batches([padded_length(items[i], L) for i in mine])]
+        else:
+            groups = [mine]
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -112,14 +136,20 @@ class Trainer:
                                self.pad_id, [gens[i] for i in group])
             share = len(group) / len(items)
             with autocast:
-                loss, sub = compute_loss(self.model, batch, self.obj, cfg.grad_checkpoint, self.vision, self.soft_ids)
+                loss, sub = compute_loss(self.model, batch, self.obj, cfg.grad_checkpoint, self.vision, self.soft_ids,
+                                         any_rank=self.dp.any if self.dp.active else None)
             (loss * share).backward()
             for k, v in sub.items():
                 parts[k] = parts.get(k, 0.0) + v * share
             parts["tokens"] += batch.num_tokens
+        self.dp.sync_replicated_grads()
+        parts = self.dp.sum_parts(parts)
         parts["micro_batches"] = len(groups)
         params = list(self.model.parameters()) + (list(self.vision.parameters()) if self.vision is not None else [])
-        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        if self.dp.active:
+            parts["grad_norm"] = self.dp.clip_grad_norm(params, cfg.clip)
+        else:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         lr = lr_at(step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -129,24 +159,32 @@ class Trainer:
 
     def save(self) -> None:
         self.model.eval()
-        if self.save_base:
-            save(self.model, self.config, self.gen, self.out, vision=self.vision)
-        save_adapters(self.model, self.out)
-        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "train_config": asdict(self.cfg),
-                    "objective": asdict(self.obj)}, self.out / STATE)
-        if self.save_extra:
-            self.save_extra(self.out)
+        if self.dp.active:  # every rank joins the gathers; rank 0 writes
+            model, optimizer = self.dp.whole_model(self.model, self.config), self.dp.full_optimizer_state(
+                self.modules, self.opt)
+        else:
+            model, optimizer = self.model, self.opt.state_dict()
+        if self.dp.leader:
+            if self.save_base:
+                save(model, self.config, self.gen, self.out, vision=self.vision)
+            save_adapters(self.model, self.out)
+            torch.save({"optimizer": optimizer, "step": self.step, "train_config": asdict(self.cfg),
+                        "objective": asdict(self.obj), "by_name": self.dp.active}, self.out / STATE)
+            if self.save_extra:
+                self.save_extra(self.out)
+        self.dp.barrier()
 
     def run(self) -> list[dict]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         curve_path = self.out / CURVE
-        if self.step == 0 and curve_path.exists():
+        leader = self.dp.leader  # rank 0 writes the curve and shows progress
+        if leader and self.step == 0 and curve_path.exists():
             curve_path.unlink()
         rows, t0, tokens = [], time.perf_counter(), 0
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
-        bar = _progress(cfg.progress, self.step, cfg.steps)
-        with curve_path.open("a") as curve:
+        bar = _progress(cfg.progress and leader, self.step, cfg.steps)
+        with curve_path.open("a") if leader else open(os.devnull, "w") as curve:
             while self.step < end:
                 parts = self.train_step(self.step)
                 self.step += 1
@@ -165,7 +203,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save()
-        plot_loss_curve(curve_path)
+        if leader:
+            plot_loss_curve(curve_path)
         return rows
 
 
