@@ -201,7 +201,7 @@ def _serve(port: int, torchrun: int | None, model_dir) -> subprocess.Popen:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun), "--master-port",
             str(__import__("parallel_utils").free_port())] if torchrun else [sys.executable])
     cmd += ["-m", "diffusiongemma", "serve", "--model", str(model_dir), "--port", str(port), "--log-level", "warning",
-            "--dist-timeout", "20"] + (["--tensor-parallel", str(torchrun)] if torchrun else [])
+            "--dist-timeout", "8"] + (["--tensor-parallel", str(torchrun)] if torchrun else [])
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -223,7 +223,7 @@ def _wait_up(client, proc, url):
 def test_torchrun_serve_answers_as_one_process_and_a_cancel_reaches_every_rank(shipped_model_dir):
     """Rank 0 serves HTTP, rank 1 steps in lock-step: the same answers as a one-process server for concurrent
     requests with different settings; a stream abandoned mid-way is cancelled on both ranks (the next request is
-    still served: the ranks' collectives still pair up); the server idles past its collective timeout (20 s here)
+    still served: the ranks' collectives still pair up); the server idles past its collective timeout (8 s here)
     without failing (rank 0's heartbeat); SIGTERM stops both ranks."""
     import concurrent.futures
     import signal
@@ -256,7 +256,7 @@ def test_torchrun_serve_answers_as_one_process_and_a_cancel_reaches_every_rank(s
                     with c.stream("POST", url + "/v1/chat/completions",
                                   json={**bodies[0], "stream": True, "max_tokens": 400}) as r:
                         next(r.iter_lines())  # the first chunk, then the client goes away
-                    time.sleep(25)  # idle past the 20 s collective timeout
+                    time.sleep(11)  # idle past the 8 s collective timeout
                     assert answers(url) == results[world]
                     assert proc.poll() is None
         finally:
