@@ -160,40 +160,29 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the (token, slot) assignments by expert and run each expert once on its rows
         (or every expert on every row, `forward_dense`, when that is small)."""
-        if self.tp.expert_parallel:
-            return self.forward_local(x, index, weights)
-        if x.shape[0] * self.num_experts <= self.DENSE_LIMIT and may_reorder_sums(x, self.gate_up_proj):
+        if (not self.tp.expert_parallel and x.shape[0] * self.num_experts <= self.DENSE_LIMIT
+                and may_reorder_sums(x, self.gate_up_proj)):
             return self.forward_dense(x, index, weights)
         n, k = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
+        held = flat
+        if self.tp.expert_parallel:  # this rank's experts only: the slots other ranks hold sort to either end
+            local = flat[order] - self.first
+            keep = (local >= 0) & (local < self.num_experts)
+            order, held = order[keep], local[keep]
         # counted by scatter, not bincount: CUDA's bincount reads the max back to the host (no graph capture)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
-        rows = x[order // k]  # [N*K, D], grouped by expert
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=held.device).scatter_add_(
+            0, held, torch.ones_like(held))
+        rows = x[order // k]  # grouped by expert
         hidden = self.grouped_mlp(rows, counts)
         hidden = hidden * weights.reshape(-1)[order, None]  # promotes to fp32 as the reference does
-        unsorted = torch.empty_like(hidden)
+        # expert parallel: 0 for the slots other ranks hold
+        unsorted = hidden.new_zeros(n * k, hidden.shape[1]) if self.tp.expert_parallel else torch.empty_like(hidden)
         unsorted[order] = hidden
         # sum the k slots of each token in slot order, in fp32, rounding once
         out = unsorted.view(n, k, -1).sum(dim=1)
         return out if self.tp.active else out.to(x.dtype)
-
-    def forward_local(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Expert parallel: only the (token, slot) assignments to this rank's experts, each expert once on its
-        rows; the fp32 sum over each token's slots (0 for slots other ranks hold)."""
-        n, k = index.shape
-        flat = index.reshape(-1) - self.first
-        mine = ((flat >= 0) & (flat < self.num_experts)).nonzero().squeeze(1)  # slots held here
-        local = flat[mine]
-        order = torch.argsort(local, stable=True)
-        slots = mine[order]
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
-            0, local, torch.ones_like(local))
-        hidden = self.grouped_mlp(x[slots // k], counts) * weights.reshape(-1)[slots, None]
-        out = torch.zeros(n * k, x.shape[1], dtype=torch.float32, device=x.device)
-        out[slots] = hidden.float()
-        return out.view(n, k, -1).sum(dim=1)
 
     def grouped_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Each expert's GeGLU on its rows (rows grouped by expert, counts[e] each)."""

@@ -9,7 +9,8 @@ Megatron-style, one all-reduce per block:
   every expert's share of the intermediate dimension. The router runs on every rank (it is replicated);
 - the tied embedding / LM head: vocabulary-parallel, rows [r V/N, (r+1) V/N).
 Norms, layer scalars, the router and rotary tables are replicated. The dense MLP's and the MoE's partial
-outputs are summed in one all-reduce per layer (fp32, before their separate post-norms), attention's in one.
+outputs are summed in one all-reduce per layer (in the activation dtype, before their separate post-norms),
+attention's in one.
 
 `slices(name, ...)` is the rule; `shard_text_model` applies it to a model built on the meta device (module
 attributes and parameter shapes), and the loader reads exactly those slices from the memory-mapped files.

@@ -142,7 +142,7 @@ class DiffusionGemmaText(nn.Module):
             return self.embed_tokens.weight
         from ..sampling.vocab import VocabShard
 
-        return VocabShard(self.embed_tokens.weight, self.vocab_start, self.config.vocab_size, self.tp)
+        return VocabShard(self.embed_tokens.weight, self.vocab_start, self.tp)
 
     # -- the two modes ---------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor | None, caches: Sequence[KVCache],

@@ -172,13 +172,19 @@ def init(tensor_parallel: int = 1, expert_parallel: bool = False, device: str | 
                             f"{tensor_parallel}: they must be equal")
     if size == 1:
         return TensorParallel(expert_parallel=False)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(backend, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+    open_group(rank, size, device, timeout_s)
     return TensorParallel(rank=dist.get_rank(), size=dist.get_world_size(), expert_parallel=expert_parallel)
+
+
+def open_group(rank: int, size: int, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """The default process group (once): gloo on CPU, NCCL on CUDA (each rank on its LOCAL_RANK device), every
+    collective giving up after `timeout_s`. Tensor-parallel inference and FSDP training both open it here."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -192,5 +198,5 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["CollectiveError", "DEFAULT_TIMEOUT_S", "ParallelError", "SINGLE", "TensorParallel", "check_shapes", "init", "kv_share",
+__all__ = ["CollectiveError", "DEFAULT_TIMEOUT_S", "ParallelError", "SINGLE", "TensorParallel", "check_shapes", "init", "kv_share", "open_group",
            "shutdown", "split", "world_from_env"]

@@ -36,12 +36,11 @@ class VocabResult:
 @dataclass
 class VocabShard:
     """This rank's rows of the tied embedding under tensor parallelism: weight [V/N, D] holds rows
-    [start, start + V/N) of `vocab`; `tp` is the rank's `parallel.TensorParallel`. The vocabulary functions
+    [start, start + V/N) of the vocabulary; `tp` is the rank's `parallel.TensorParallel`. The vocabulary functions
     below take one in place of the weight and run vocabulary-parallel (`sampling.vocab_parallel`)."""
 
     weight: torch.Tensor
     start: int
-    vocab: int
     tp: object
 
     @property

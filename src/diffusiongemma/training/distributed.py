@@ -34,16 +34,12 @@ class DataParallel:
 
     @classmethod
     def from_env(cls, timeout_s: float = 600.0) -> DataParallel:
-        from ..parallel import world_from_env
+        from ..parallel import open_group, world_from_env
 
         world = world_from_env()
         if world is None or world[1] == 1:
             return cls()
-        if not dist.is_initialized():
-            import datetime
-
-            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+        open_group(*world, "cuda" if torch.cuda.is_available() else "cpu", timeout_s)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
