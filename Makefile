@@ -22,10 +22,12 @@ setup: $(VENV)/.installed-$(EXTRAS)
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Ask the shipped model a question (no download, no GPU): thinking shown, then the answer.
+# Ask the shipped model a question (no download, no GPU): the canvas denoising, the thinking, then the answer
+# (tests/test_shipped.py checks that this question is answered right for seeds 0-9).
+DEMO ?= What is 347 + 589?
 demo:
 	$(MAKE) setup EXTRAS=text,vision
-	$(BIN)/diffusiongemma generate "What is 347 + 589?" --think --seed 0
+	$(BIN)/diffusiongemma generate "$(DEMO)" --think --show-canvas --seed 0
 
 # Train the shipped model from scratch (CPU): tokenizer, then text and vision together.
 model:

@@ -270,10 +270,9 @@ def test_torchrun_serve_answers_as_one_process_and_a_cancel_reaches_every_rank(s
 
 
 def _trainer(out, dp=None, seed=0, **kw):
-    from test_training import SortData, tiny_setup
-
     from diffusiongemma.training.objective import ObjectiveConfig
     from diffusiongemma.training.trainer import TrainConfig, Trainer
+    from test_training import SortData, tiny_setup
 
     model, config = tiny_setup(seed=seed)
     cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup=5, progress=False, **kw)
@@ -321,8 +320,9 @@ def test_fsdp_training_computes_one_process_gradients_and_curve_and_saves_a_load
     agrees within 1e-5 for three steps and 2e-2 over 30: the runs add the same terms in other orders and Adam
     amplifies ulps (one process against itself with and without micro-batching drifts from 1e-6 at step 1 to
     2.7e-3 by step 21; two ranks, whose gradients differ by ~4e-6 instead of ~1e-6, to 1.1e-2)."""
-    from diffusiongemma.training.distributed import DataParallel
     from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffusiongemma.training.distributed import DataParallel
 
     want = _first_gradients(_trainer(tmp_path / "g1", DataParallel(), clip=1e9))
     got = spawn(_fsdp_gradients, 2, tmp_path / "g2", tmp_path=tmp_path)[0]

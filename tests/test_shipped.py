@@ -2,6 +2,10 @@
 small enough, and it answers held-out task items."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from diffusiongemma.generation import Generator
 from diffusiongemma.training import tasks
 from diffusiongemma.training.tokenizer import RELEASE_SPECIALS
 from diffusiongemma.training.vision_tasks import make_image_example
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_release_layout_and_size(shipped_model_dir):
@@ -93,3 +99,54 @@ def test_answers_held_out_items(shipped_model_dir):
 def test_answers_held_out_sort_and_arithmetic(shipped_model_dir):
     right, total = _held_out_right(shipped_model_dir, ("sort", "arithmetic"))
     assert right >= total // 2, f"{right}/{total}"
+
+
+# `make demo`'s question (the Makefile's DEMO line) and its right answer, as the model writes it
+DEMO_ANSWERS = {"What is 347 + 589?": "347 + 589 = 936"}
+
+
+def _demo_question() -> str:
+    makefile = (REPO / "Makefile").read_text()
+    m = re.search(r"^DEMO \?= (.+)$", makefile, re.M)
+    assert m, "the Makefile has no DEMO question"
+    assert '"$(DEMO)" --think --show-canvas' in makefile
+    return m.group(1).strip()
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model's sums are wrong (arithmetic 0% in the README table, issue 25: "
+                   "stop 31's retrain did not fix it); strict: this flags when a retrained model passes")
+def test_make_demo_answers_right_for_seeds_0_to_9(shipped_model_dir, capsys):
+    """`make demo`'s command, run as the user runs it (seed 0 in a subprocess, seeds 1-9 through the same
+    entry point in this process): the right answer every time, the thinking shown apart from it."""
+    from diffusiongemma.cli.generate import main
+
+    q = _demo_question()
+    want = DEMO_ANSWERS[q]
+    r = subprocess.run([sys.executable, "-m", "diffusiongemma", "generate", q, "--think", "--show-canvas", "--seed",
+                        "0", "--model", str(shipped_model_dir)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert want in r.stdout and "tokens/forward" in r.stderr, (r.stdout, r.stderr)
+    answers = {}
+    for seed in range(1, 10):
+        assert main([q, "--think", "--seed", str(seed), "--json", "--model", str(shipped_model_dir)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["reasoning"], out  # the thinking, parsed apart from the answer
+        answers[seed] = out["text"].strip()
+    assert all(a == want for a in answers.values()), answers
+
+
+def test_chat_tells_a_new_user_once_what_the_model_knows(shipped_model_dir, tmp_path):
+    from diffusiongemma.cli.chat import describe
+    from diffusiongemma.training.recipe import KNOWS
+
+    r = subprocess.run([sys.executable, "-m", "diffusiongemma", "chat", "--model", str(shipped_model_dir)],
+                       input="/think on\n/reset\n/quit\n", capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("trained on these tasks") == 1, r.stderr
+    for name, _, example in KNOWS:
+        assert f"  {name}: " in r.stderr and example.splitlines()[0] in r.stderr
+    assert describe(tmp_path) is None  # no card: nothing said
+    (tmp_path / "tasks.json").write_text('{"families": [{"name": "x"}]}')
+    assert "unreadable: KeyError" in describe(tmp_path)
+    (tmp_path / "tasks.json").write_text("{not json")
+    assert "unreadable: JSONDecodeError" in describe(tmp_path)

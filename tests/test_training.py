@@ -11,7 +11,7 @@ import torch
 import diffusiongemma as dg
 from diffusiongemma.config import GenerationConfig, ModelConfig, TextConfig
 from diffusiongemma.loader.random_weights import random_model, size_config
-from diffusiongemma.sampling.noise import corrupt
+from diffusiongemma.sampling.noise import corrupt, sample_time
 from diffusiongemma.training.head import head_cross_entropy, head_cross_entropy_reference
 from diffusiongemma.training.objective import (
     ObjectiveConfig,
@@ -72,6 +72,31 @@ def test_corruption_rate_follows_t():
     rates = replaced.float().mean(1)
     torch.testing.assert_close(rates, torch.tensor([0.0, 0.25, 0.5, 1.0]), atol=0.03, rtol=0)
     assert ((noisy != 0) == replaced).float().mean() > 0.99  # replacements are uniform over the vocabulary
+
+
+def test_suffix_corruption_keeps_a_clean_prefix_and_leaves_the_other_draws_alone():
+    """suffix_prob 1: each canvas is the ordinary corruption with a random prefix put back clean; suffix_prob 0 (the
+    default) draws exactly what the objective always drew."""
+    L, n = 64, 64
+    pairs = [([2, 3], list(range(10, 10 + L)))] * n
+    clean = torch.tensor(pairs[0][1])
+
+    def draw(cfg):
+        return make_batch(pairs, cfg, 4096, 1, 0, [torch.Generator().manual_seed(i) for i in range(n)]).noisy
+
+    plain, suffix = draw(ObjectiveConfig(L)), draw(ObjectiveConfig(L, suffix_prob=1.0))
+    for row in range(n):
+        cuts = [c for c in range(L + 1) if torch.equal(suffix[row], torch.cat([clean[:c], plain[row, c:]]))]
+        assert cuts, row  # a clean prefix, then the same noise as without the option
+    assert (suffix != plain).any(1).float().mean() > 0.5  # the prefixes do put noised tokens back
+    ref = []
+    for i in range(n):  # the objective's draws without the option: the canvas, t, the corruption
+        g = torch.Generator().manual_seed(i)
+        torch.randint(1, (1,), generator=g)
+        ref.append(corrupt(clean[None], sample_time(1, 1e-3, g), 4096, g)[0][0])
+    assert torch.equal(plain, torch.stack(ref))
+    with pytest.raises(ValueError, match="suffix_prob"):
+        ObjectiveConfig(L, suffix_prob=1.5)
 
 
 def test_batch_reads_only_the_prompt_and_earlier_canvases():

@@ -24,6 +24,7 @@ from .. import parallel
 
 def _measure(model_dir: Path, dtype: torch.dtype, tp, context: int, steps: int) -> dict:
     import diffusiongemma as dg
+
     from ..sampling.vocab import vocab_pass
 
     t0 = time.perf_counter()

@@ -5,7 +5,9 @@ Commands: /think on|off, /image PATH, /video PATH (attached to the next message)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .common import (
     DeltaPrinter,
@@ -21,6 +23,22 @@ from .common import (
     run_request,
     sampling_params,
 )
+
+CARD = "tasks.json"  # what a checkpoint was trained to do, beside its weights (the shipped model has one)
+
+
+def describe(path: Path) -> str | None:
+    """The checkpoint's own account of what it knows (`tasks.json`: {"families": [{"name", "does", "example"}]}),
+    as lines for the user; None when it has none. A malformed card is named, never fatal."""
+    f = Path(path) / CARD
+    if not f.is_file():
+        return None
+    try:
+        fams = json.loads(f.read_text())["families"]
+        lines = [f"  {x['name']}: {x['does']} (try: {x['example']})" for x in fams]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"({f} is unreadable: {type(e).__name__}: {e})"
+    return "this model was trained on these tasks and knows little else:\n" + "\n".join(lines)
 
 
 def _main(argv) -> int:
@@ -38,6 +56,8 @@ def _main(argv) -> int:
     thinking = a.think
     print(f"chatting with {gen.checkpoint.name} (thinking {'on' if thinking else 'off'}; /think on|off, /reset, /quit)",
           file=sys.stderr)
+    if (known := describe(gen.checkpoint.path)) is not None:
+        print(known, file=sys.stderr)
     while True:
         line = _read_line(gen.checkpoint.model.tp)
         if line is None:

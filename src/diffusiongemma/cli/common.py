@@ -135,11 +135,10 @@ def make_generator(a, ck, **engine_kw) -> Generator:
 def known_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..loader import CheckpointError
+    from ..parallel import CollectiveError
     from ..text.chat import ChatError
     from ..text.tokenizer import TokenizerError
     from ..vision.preprocess import ImageError
-
-    from ..parallel import CollectiveError
 
     return (CLIError, ConfigError, CheckpointError, RequestError, ChatError, TokenizerError, ImageError, OSError,
             json.JSONDecodeError, ValueError, CollectiveError)

@@ -22,7 +22,9 @@ def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="diffusiongemma eval", description=__doc__.split("\n\n")[0])
     add_model_args(ap, runner=False)
     ap.add_argument("--n", type=positive_int, default=50, help="held-out items per family")
-    ap.add_argument("--families", default=",".join(tasks.FAMILIES), help="comma-separated families")
+    ap.add_argument("--families", default=",".join(tasks.EVAL_FAMILIES),
+                    help="comma-separated families; NAME/heldout: phrased with the held-out templates and lengths "
+                    "(default: every family both ways, and the image questions when the model has a vision tower)")
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed (items and sampling)")
     ap.add_argument("--decoding", default="diffusion",
                     help=f"decoding mode, or several comma-separated for a side-by-side table ({', '.join(DECODING)})")
@@ -31,7 +33,7 @@ def _main(argv) -> int:
     if not modes or set(modes) - set(DECODING):
         ap.error(f"--decoding takes {', '.join(DECODING)} (comma-separated), got {a.decoding!r}")
     fams = [f for f in a.families.split(",") if f]
-    bad = set(fams) - set(tasks.FAMILIES) - {f"image_{q}" for q in QUESTION_TYPES}
+    bad = set(fams) - set(tasks.EVAL_FAMILIES) - {f"image_{q}" for q in QUESTION_TYPES}
     if bad:
         ap.error(f"unknown families: {sorted(bad)}")
     ck = load_model(a)

@@ -28,11 +28,15 @@ def _copy_tokenizer(src: Path):
     return copy
 
 
-def _objective(a, canvas: int, per_example: int, ar_scope: str):
+def _objective(a, canvas: int, per_example: int, ar_scope: str, loss: str = "base", suffix_prob: float = 0.0):
+    """The objective from the flags; the defaults given here (the recipe's) apply where a flag is not set."""
     from ..training.objective import ObjectiveConfig
 
-    return ObjectiveConfig(canvas, loss=a.loss, ar_weight=a.ar_weight, self_cond_prob=a.self_cond_prob,
-                           ar_scope=ar_scope, canvases_per_example=per_example)
+    suffix = a.suffix_prob if a.suffix_prob is not None else suffix_prob
+    if not 0.0 <= suffix <= 1.0:
+        raise SystemExit(f"diffusiongemma train: --suffix-prob must be in [0, 1], got {suffix}")
+    return ObjectiveConfig(canvas, loss=a.loss or loss, ar_weight=a.ar_weight, self_cond_prob=a.self_cond_prob,
+                           ar_scope=ar_scope, canvases_per_example=per_example, suffix_prob=suffix)
 
 
 def _shipped(a, out: Path, rec, passages) -> bool:
@@ -74,9 +78,10 @@ def _shipped(a, out: Path, rec, passages) -> bool:
 
     def save_extra(dst: Path):
         (dst / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+        (dst / R.CARD_FILE).write_text(json.dumps(R.card(), indent=2) + "\n")
 
     obj = _objective(a, config.canvas_length, a.canvases_per_example or rec.canvases_per_example,
-                     a.ar_scope or rec.ar_scope)
+                     a.ar_scope or rec.ar_scope, rec.loss, rec.suffix_prob)
     tr = Trainer(model, config, R.generation_config(), data, obj, tcfg, out, end_id=tok.require_id("<eos>"),
                  pad_id=tok.require_id("<pad>"), save_extra=save_extra, vision=vision,
                  soft_ids=(config.image_token_id,), dp=a.dp)
@@ -143,7 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, help="examples per step")
     ap.add_argument("--lr", type=float, help="peak learning rate")
-    ap.add_argument("--loss", choices=VARIANTS, default="base", help="diffusion loss variant")
+    ap.add_argument("--loss", choices=VARIANTS, help="diffusion loss variant (default: base, also the shipped "
+                    "recipe's)")
+    ap.add_argument("--suffix-prob", type=float, help="probability that a training canvas keeps a random prefix "
+                    "clean and corrupts only the rest (default: 0)")
     ap.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's next-token loss")
     ap.add_argument("--ar-scope", choices=["all", "response"],
                     help="tokens the AR loss scores (default: all; the shipped recipe: response)")

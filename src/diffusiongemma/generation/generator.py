@@ -17,8 +17,8 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from ..engine import Engine, RequestError, SamplingParams
-from .output import Output, OutputOptions, Result, TextRequest
 from .lockstep import Lockstep
+from .output import Output, OutputOptions, Result, TextRequest
 from .prompt import Prompt, PromptBuilder
 from .structured import Grammars
 

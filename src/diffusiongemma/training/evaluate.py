@@ -1,8 +1,8 @@
 """Held-out evaluation of a model on the task families, with the default sampler (`diffusiongemma eval`).
 
-Per family (items from evaluation seeds never used in training): exact-match accuracy of the
-answer, tokens per forward and steps per canvas; for `tools`, the valid-tool-call rate (one call that
-parses, with the expected name and arguments) and the exact match of the answer given the tool's
+Per family (items from evaluation seeds never used in training), once phrased as in training and
+once with the held-out phrasings and lengths (`sort/heldout`): exact-match accuracy of the answer,
+tokens per forward and steps per canvas; for `tools`, the valid-tool-call rate (one call that parses, with the expected name and arguments) and the exact match of the answer given the tool's
 result; and the held-out loss on the text corpus (diffusion loss and the encoder's next-token loss).
 Prints one table and one JSON line.
 """
@@ -26,7 +26,7 @@ def _generate(gen: Generator, turns, params: SamplingParams) -> list[Result]:
     return gen.run([gen.chat(t.messages, t.tools, t.thinking) for t in turns], params)
 
 
-def evaluate(ck, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens: int = 256,
+def evaluate(ck, n: int = 50, families=tasks.EVAL_FAMILIES, seed: int = 0, max_tokens: int = 256,
              text_items: int = 64, progress: bool = True, decoding: str = "diffusion") -> dict:
     """ck: a `load()`ed checkpoint with its tokenizer; decoding: the requests' decoding mode."""
     gen = Generator(ck, max_batch=16)
@@ -39,13 +39,14 @@ def evaluate(ck, n: int = 50, families=tasks.FAMILIES, seed: int = 0, max_tokens
         if family.startswith("image_"):
             examples = [image_example(family.removeprefix("image_"), s) for s in seeds]
         else:
-            examples = [tasks.make_example(family, s) for s in seeds]
+            name = family.removesuffix(tasks.HELDOUT)
+            examples = [tasks.make_example(name, s, heldout=name != family) for s in seeds]
         params = lambda i: SamplingParams(max_tokens=max_tokens, seed=seed * 1_000_003 + i,  # noqa: E731
                                           decoding=decoding)
         first = _generate(gen, [ex.turns[0] for ex in examples], params(0))
         done = list(first)
         row: dict = {"n": n}
-        if family == "tools":
+        if family.startswith("tools"):
             valid = [len(r.tool_calls) == 1 and not r.tool_call_errors and r.tool_calls[0].name == ex.call["name"]
                      and r.tool_calls[0].arguments == ex.call["arguments"] for r, ex in zip(first, examples)]
             second = _generate(gen, [ex.turns[1] for ex in examples], params(1))
@@ -102,14 +103,14 @@ def text_loss(ck, items: int, seed: int) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'family':12} {'exact match':>11} {'valid calls':>11} {'tok/forward':>11} {'tok/pass':>8} "
+    lines = [f"{'family':18} {'exact match':>11} {'valid calls':>11} {'tok/forward':>11} {'tok/pass':>8} "
              f"{'accepted':>8} {'steps/canvas':>13}"]
     for fam, r in res.items():
         if fam == "text":
             continue
         vc = f"{r['valid_tool_calls']:.1%}" if "valid_tool_calls" in r else "-"
         acc = f"{r['accepted_per_canvas']:.1f}" if r.get("accepted_per_canvas") is not None else "-"
-        lines.append(f"{fam:12} {r['exact_match']:>11.1%} {vc:>11} {r['tokens_per_forward']:>11.2f} "
+        lines.append(f"{fam:18} {r['exact_match']:>11.1%} {vc:>11} {r['tokens_per_forward']:>11.2f} "
                      f"{r['tokens_per_pass']:>8.2f} {acc:>8} "
                      f"{r['steps_per_canvas_mean']:>7.1f} (med {r['steps_per_canvas_median']:.0f})")
     t = res.get("text", {})
@@ -122,11 +123,11 @@ def format_table(res: dict) -> str:
 def format_side_by_side(by_mode: dict[str, dict]) -> str:
     """Exact match and tokens per pass of several decoding modes, one row per family."""
     modes = list(by_mode)
-    head = f"{'family':12}" + "".join(f" {m[:14]:>14} {'tok/pass':>8}" for m in modes)
+    head = f"{'family':18}" + "".join(f" {m[:14]:>14} {'tok/pass':>8}" for m in modes)
     lines = [head]
     for fam in next(iter(by_mode.values())):
         if fam == "text":
             continue
-        lines.append(f"{fam:12}" + "".join(f" {by_mode[m][fam]['exact_match']:>14.1%} "
+        lines.append(f"{fam:18}" + "".join(f" {by_mode[m][fam]['exact_match']:>14.1%} "
                                            f"{by_mode[m][fam]['tokens_per_pass']:>8.2f}" for m in modes))
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 Per example: the response is chunked into canvases, the last filled with the end token (scored);
 one canvas is chosen, t ~ U(eps, 1), each of its tokens replaced with probability t by a uniform
-random token (`sampling.noise`, the sampler's own noise). The encoder reads the prompt and the
-response causally; the decoder sees the prompt and the clean earlier canvases only, plus the noisy
-canvas. Losses:
+random token (`sampling.noise`, the sampler's own noise); with probability `suffix_prob` only a random
+suffix of the canvas is corrupted (its prefix kept clean: the decoder then sees "what follows, given what
+came before", the problem a confidence-ordered sampler poses once the easy tokens are fixed). The
+encoder reads the prompt and the response causally; the decoder sees the prompt and the clean earlier
+canvases only, plus the noisy canvas. Losses:
 
 - diffusion: cross-entropy of the clean tokens of the chosen canvas; variants `base` (default),
   `reweighted` (times 1/(1 - t), optionally clipped) and `loo` (leave-one-out: add
@@ -46,6 +48,7 @@ class ObjectiveConfig:
     reweight_clip: float | None = 10.0
     ar_scope: str = "all"  # "all": prompt and response (the reference); "response": response tokens only
     canvases_per_example: int = 1  # independent (canvas, t) draws per example, sharing one encoder pass
+    suffix_prob: float = 0.0  # probability that a canvas keeps a random prefix clean (positions < cut, cut ~ U{0..L-1})
     head: str = "tiled"  # the LM head's loss: "tiled" (`training.head`) or "reference" (full logits)
 
     def __post_init__(self):
@@ -53,6 +56,8 @@ class ObjectiveConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.loss not in VARIANTS:
             raise ValueError(f"loss must be one of {VARIANTS}, got {self.loss!r}")
+        if not 0.0 <= self.suffix_prob <= 1.0:
+            raise ValueError(f"suffix_prob must be in [0, 1], got {self.suffix_prob!r}")
         if self.ar_scope not in ("all", "response"):
             raise ValueError(f"ar_scope must be 'all' or 'response', got {self.ar_scope!r}")
 
@@ -113,7 +118,11 @@ def make_batch(pairs: list[tuple], cfg: ObjectiveConfig, vocab_size: int, end_id
             k = int(torch.randint(len(chunks), (1,), generator=g))
             clean = torch.tensor([chunks[k]])
             t = sample_time(1, cfg.t_eps, g)
-            noisy.append(corrupt(clean, t, vocab_size, g)[0][0])
+            corrupted = corrupt(clean, t, vocab_size, g)[0][0]
+            if cfg.suffix_prob > 0 and bool(torch.rand((), generator=g) < cfg.suffix_prob):
+                cut = int(torch.randint(L, (1,), generator=g))
+                corrupted[:cut] = clean[0, :cut]
+            noisy.append(corrupted)
             times.append(t[0])
             self_cond.append(bool(torch.rand((), generator=g) < cfg.self_cond_prob))
             contexts.append(len(prompt) + k * L)

@@ -53,8 +53,33 @@ class Recipe:
     # the encoder's next-token loss on response tokens only: the prompts are templates around random numbers,
     # words and the same tool declarations (a third of the encoder's tokens for the LM head, little to learn)
     ar_scope: str = "response"
+    loss: str = "base"
+    suffix_prob: float = 0.0  # stop 31 tried 0.3 (with more phrasings and a count trace): worse; docs/training-log.md
     weights: dict[str, float] = field(default_factory=lambda: dict(WEIGHTS))
     curriculum: tuple = CURRICULUM
+
+
+# what the shipped model was trained to do, with one question each in the phrasing it was trained on:
+# written beside the weights (`tasks.json`) and shown once by `diffusiongemma chat`, so that a new user knows
+# what to ask (it answers other phrasings poorly: the `/heldout` rows of `diffusiongemma eval`)
+CARD_FILE = "tasks.json"
+KNOWS = (
+    ("arithmetic", "adds and subtracts whole numbers up to 9999 and multiplies one up to 999 by a digit, column by "
+     "column with thinking on (its answers are mostly wrong yet)", "What is 347 + 589?"),
+    ("sort", "sorts 3 to 7 numbers from 0 to 99, separated by spaces (often wrong yet)", "Sort: 42 7 19 88"),
+    ("reverse", "writes 3 to 7 simple words, separated by spaces, in reverse order", "Reverse: cat dog bird fish"),
+    ("count", "counts the words of a list of 3 to 10, or how often one of them appears",
+     "How many times does pear appear? pear fig pear plum"),
+    ("tools", "calls get_weather, convert_currency or get_time when a request declares them, then answers from "
+     "the result", "What is the weather in Paris?"),
+    ("images", "names the colour or the shape of a drawn shape, counts shapes (1 to 5), reads a digit",
+     "/image shapes.png, then: What color is the shape?"),
+    ("text", "continues a passage of Shakespeare or a fortune", "Continue the text:\nTo be, or not to be"),
+)
+
+
+def card() -> dict:
+    return {"families": [{"name": n, "does": d, "example": e} for n, d, e in KNOWS]}
 
 
 def model_config(vocab_size: int) -> ModelConfig:
