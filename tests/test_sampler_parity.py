@@ -112,5 +112,7 @@ def test_fused_vocab_pass_matches_full_logits(m, d, v, chunk, dtype):
     assert torch.equal(fast.argmax, slow.argmax)
     assert torch.equal(fast.sample, slow.sample)
     torch.testing.assert_close(fast.entropy, slow.entropy, atol=2e-4 if v > 100_000 else 2e-5, rtol=0)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    # fp32: a sum over v rows in another order differs by about sqrt(v) * 6e-8 relative (3e-5 at 262,144, seen on
+    # an AMD EPYC host), so the release vocabulary gets 1e-4
+    tol = (1e-4 if v > 100_000 else 1e-5) if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fast.soft.float(), slow.soft.float(), atol=tol * slow.soft.abs().max().item(), rtol=0)
