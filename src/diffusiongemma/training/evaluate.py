@@ -2,8 +2,9 @@
 
 Per family (items from evaluation seeds never used in training), once phrased as in training and
 once with the held-out phrasings and lengths (`sort/heldout`): exact-match accuracy of the answer,
-tokens per forward and steps per canvas; for `tools`, the valid-tool-call rate (one call that parses, with the expected name and arguments) and the exact match of the answer given the tool's
-result; and the held-out loss on the text corpus (diffusion loss and the encoder's next-token loss).
+tokens per forward and steps per canvas; for `tools`, the valid-tool-call rate (one call that parses,
+with the expected name and arguments) and the exact match of the answer given the tool's result; and
+the held-out loss on the text corpus (diffusion loss and the encoder's next-token loss).
 Prints one table and one JSON line.
 """
 
