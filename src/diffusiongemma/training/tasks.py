@@ -179,7 +179,6 @@ def count_task(rng: random.Random, heldout: bool = False) -> Example:
     target_word = rng.choice(pool)
     if heldout:
         words = _held_list(rng, words, 10)
-    n = words.count(target_word)
     by_word = rng.random() < 0.5
     q = f"How many times does {target_word} appear? {' '.join(words)}" if by_word else \
         f"Count the words: {' '.join(words)}"
@@ -187,8 +186,7 @@ def count_task(rng: random.Random, heldout: bool = False) -> Example:
         sep = rng.choice(SEPARATORS)
         q = _dress(rng, rng.choice(HELD_TEMPLATES["count_word" if by_word else "count_all"]))
         q = q.format(x=target_word, w=sep.join(words))
-    n = n if by_word else len(words)
-    answer = str(n)
+    answer = str(words.count(target_word) if by_word else len(words))
     return Example("count", [Turn([{"role": "user", "content": q}], answer + TURN_CLOSE)], answer,
                    meta={"items": words, "word": target_word if by_word else None})
 
