@@ -33,10 +33,11 @@ def _objective(a, canvas: int, per_example: int, ar_scope: str, loss: str = "bas
     from ..training.objective import ObjectiveConfig
 
     suffix = a.suffix_prob if a.suffix_prob is not None else suffix_prob
-    if not 0.0 <= suffix <= 1.0:
-        raise SystemExit(f"diffusiongemma train: --suffix-prob must be in [0, 1], got {suffix}")
-    return ObjectiveConfig(canvas, loss=a.loss or loss, ar_weight=a.ar_weight, self_cond_prob=a.self_cond_prob,
-                           ar_scope=ar_scope, canvases_per_example=per_example, suffix_prob=suffix)
+    try:  # ObjectiveConfig checks every value; its message names the field
+        return ObjectiveConfig(canvas, loss=a.loss or loss, ar_weight=a.ar_weight, self_cond_prob=a.self_cond_prob,
+                               ar_scope=ar_scope, canvases_per_example=per_example, suffix_prob=suffix)
+    except ValueError as e:
+        raise SystemExit(f"diffusiongemma train: {e}") from None
 
 
 def _shipped(a, out: Path, rec, passages) -> bool:
