@@ -159,24 +159,42 @@ def test_disconnect_cancels_and_frees(server):
 
 
 def test_too_many_in_flight_is_a_429_with_retry_after(server):
+    """Four long streams fill the server's limit of 4; a fifth request is a 429. The four then hang up (the
+    server cancels them: test_disconnect_cancels_and_frees), so the test does not wait out 400 tokens each."""
     import threading
 
     url, app = server
+    runner = app.state.runner
     long = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stop": [], "seed": 9,
-            "max_denoising_steps": 48, "confidence_threshold": 1e-30}
-    threads = [threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json=long, timeout=120))
-               for _ in range(4)]  # the server's limit is 4
+            "max_denoising_steps": 48, "confidence_threshold": 1e-30, "stream": True}
+    done = threading.Event()
+
+    def hold():
+        with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=120) as r:
+            lines = r.iter_lines()  # held: a dropped line iterator closes the response
+            next(lines)
+            done.wait(120)
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]  # the server's limit is 4
     for t in threads:
         t.start()
+    try:
+        for _ in range(500):
+            if runner.in_flight >= 4:
+                break
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
     for _ in range(200):
-        if app.state.runner.in_flight >= 4:
+        if runner.in_flight == 0 and not runner.engine.has_work():
             break
-        time.sleep(0.02)
-    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
-    assert r.json()["error"]["code"] == "rate_limit_exceeded"
-    for t in threads:
-        t.join()
+        time.sleep(0.05)
+    assert runner.in_flight == 0 and not runner.engine.has_work()
 
 
 def test_metrics_and_the_request_log(server, client, name, caplog):
