@@ -34,6 +34,11 @@ def test_bench_command_runs_both_sides(tmp_path):
     for side in ("ours", "reference"):
         assert res[side]["tokens_per_s"] > 0 and res[side]["steps_per_canvas"] == 2
     assert res["ratio"]["ms_step"] > 0 and "tokens/s" in r.stdout
+    # the default dtype is this CPU's faster one, measured and said once, and both sides ran in it
+    from diffusiongemma.loader.host import preferred_dtype
+
+    assert res["env"]["dtype"] == str(preferred_dtype()).removeprefix("torch.") and res["env"]["cpu_capability"]
+    assert f"dtype {res['env']['dtype']} (this CPU" in r.stderr
 
 
 @pytest.mark.slow

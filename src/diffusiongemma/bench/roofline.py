@@ -57,11 +57,13 @@ def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 15) -
     return 2 * m * k * n / statistics.median(times)
 
 
-def peaks(cfg: TextConfig, canvas: int) -> dict:
-    """This machine's matmul peak (FLOP/s) in bf16 and fp32 for the step's two main shapes: the vocabulary
-    chunk [canvas x hidden] x [hidden x 8192] and the dense MLP [canvas x hidden] x [hidden x intermediate]."""
+def peaks(cfg: TextConfig, canvas: int, dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> dict:
+    """This machine's matmul peak (FLOP/s) per dtype for the step's two main shapes: the vocabulary
+    chunk [canvas x hidden] x [hidden x 8192] and the dense MLP [canvas x hidden] x [hidden x intermediate].
+    (Only the dtypes asked: bf16 without AVX512-BF16 or AMX runs ~0.4 GFLOP/s, minutes for the mid shapes.)"""
     out = {}
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+    for name in dtypes:
+        dtype = getattr(torch, name)
         out[name] = {"vocabulary": matmul_peak(dtype, canvas, cfg.hidden_size, 8192),
                      "mlp": matmul_peak(dtype, canvas, cfg.hidden_size, cfg.intermediate_size)}
     return out
@@ -87,7 +89,7 @@ def report(model_dir: Path, a, med: dict) -> dict:
 
     config = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
     cfg, L = config.text, config.canvas_length
-    peak = peaks(cfg, L)[a.dtype]
+    peak = peaks(cfg, L, (a.dtype,))[a.dtype]
     steps = med.get("ours", {}).get("steps_per_canvas") or 1
     # our engine skips the soft embedding on a canvas's last step when it hits the step cap (fixed mode: always)
     ours_soft = (a.steps - 1) / a.steps if a.mode == "fixed" else 1.0

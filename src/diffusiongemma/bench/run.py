@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..loader.host import cpu_capability, matmul_rates, preferred_dtype
 from ..loader.random_weights import SIZES, write_random_checkpoint
 from . import curves, roofline
 from .memory import rss_bytes
@@ -264,7 +265,9 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory")
     src.add_argument("--size", choices=list(SIZES), default="tiny", help="random checkpoint of a named size")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["host", "bfloat16", "float32"], default="host",
+                    help="both sides' dtype (default host: float32 or bfloat16, whichever this CPU multiplies faster, "
+                         "measured once here; a CPU without bf16 kernels runs bf16 many times slower)")
     ap.add_argument("--mode", choices=["adaptive", "fixed"], default="adaptive")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per canvas in fixed mode")
     ap.add_argument("--prompts", type=int, default=2, help="prompts per process (run one after another)")
@@ -294,6 +297,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sides", default="ours,reference", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.dtype == "host":  # resolved once, here: the workers, the cache name and the report see a real dtype
+        a.dtype = str(preferred_dtype()).removeprefix("torch.")
+        if not a.worker:
+            r = matmul_rates()
+            print(f"dtype {a.dtype} (this CPU, {cpu_capability()}: {r['float32']:.0f} GFLOP/s float32, "
+                  f"{r['bfloat16']:.0f} bfloat16 for a small product)", file=sys.stderr)
     if a.quant:
         from .release import run
 
@@ -343,6 +352,7 @@ def main(argv=None) -> int:
     import transformers
 
     env = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+           "cpu_capability": cpu_capability(),
            "transformers": transformers.__version__, "dtype": a.dtype, "mode": a.mode,
            "steps": a.steps if a.mode == "fixed" else "adaptive (cap 48)", "model": a.model,
            "max_tokens": a.max_tokens, "prompts": a.prompts, "repeats": a.repeats, "compile": a.compile,

@@ -57,8 +57,9 @@ def add_model_args(ap: argparse.ArgumentParser, runner: bool = True,
                     help="checkpoint directory, or a model id (org/name) in the local Hugging Face cache "
                          "(default: the model shipped in the repo)")
     ap.add_argument("--revision", help="with a model id: the branch, tag or commit in the cache")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
-                    help="weight dtype (default float32; auto = the checkpoint's)")
+    ap.add_argument("--dtype", choices=["auto", "host", "float32", "bfloat16"], default="float32",
+                    help="weight dtype (default float32; auto = the checkpoint's; host = float32 or bfloat16, "
+                         "whichever this CPU multiplies faster, measured)")
     if runner:
         ap.add_argument("--compile", action="store_true", help=compile_help)
     add_parallel_args(ap)

@@ -118,6 +118,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     """Load a checkpoint directory, or a model id from the local Hugging Face cache (`resolve`). Errors name
     the file, key and shapes involved.
 
+    dtype: "auto" (the checkpoint's), "host" (float32 or bfloat16, whichever this CPU multiplies faster:
+    `loader.host`), a name or a torch.dtype. bfloat16 on a CPU without bf16 kernels logs one warning with the
+    measured rates (there float32 is many times faster).
     vision: load the vision tower (None: when the checkpoint has one; True: an error if it has none).
     text: load the tokenizer and chat template (None: when the directory has tokenizer.json).
     tp: this process's tensor-parallel group (`parallel.init`): only its shard of the text weights is read."""
@@ -127,6 +130,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig(
         eos_token_id=config.eos_token_id or config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
     dtype = resolve_dtype(dtype, config)
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and config.quantization is None:
+        from .host import warn_if_slow_bf16  # a CPU without bf16 kernels: say so once, with the measured rates
+
+        warn_if_slow_bf16(f"loading {path.name} in bfloat16")
     files = WeightFiles(path)
     vision_keys = check_vision(files, config)
     model = read_text_model(files, config, dtype, device, tp)

@@ -23,6 +23,7 @@ from ..model import DiffusionGemmaText
 from ..model.layers import RotaryEmbedding
 from ..model.shard import read_slice, shard_text_model, slices
 from ..parallel import SINGLE, TensorParallel
+from .host import preferred_dtype
 from .keys import VISION_PREFIXES, VISION_ROOT, shared_key, text_key_map, vision_shapes
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -37,8 +38,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype if dtype not in (None, "auto") else (config.dtype or "float32")
+    if name == "host":  # whichever of float32 and bfloat16 this CPU multiplies faster (`loader.host`)
+        if config.quantization is None:
+            return preferred_dtype()
+        name = config.dtype or "bfloat16"  # quantized: the activation dtype its packed kernels were written for
     if name not in DTYPES:
-        raise CheckpointError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}")
+        raise CheckpointError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES) | {'auto', 'host'})}")
     return DTYPES[name]
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig
 from ..loader import load, save
+from ..loader.host import warn_if_slow_bf16
 from ..model import DiffusionGemmaText
 from ..sampling.draws import key_seed
 from .distributed import DataParallel
@@ -80,6 +81,8 @@ class Trainer:
         # re-made from its source (`cli.train --base-quant`), and the merged model is saved at the end
         self.save_base = save_base
         self.dp = dp or DataParallel()
+        if cfg.dtype == "bfloat16" and model.device.type == "cpu":  # 10x slower per step on a CPU without bf16 kernels
+            warn_if_slow_bf16("training with bfloat16 autocast")
         if self.dp.active and not save_base:
             raise ValueError("FSDP training saves the whole model: it does not train adapters over a quantized base")
         if self.dp.active and cfg.batch_size < self.dp.size:
