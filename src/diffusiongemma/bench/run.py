@@ -302,7 +302,7 @@ def main(argv=None) -> int:
         if not a.worker:
             r = matmul_rates()
             print(f"dtype {a.dtype} (this CPU, {cpu_capability()}: {r['float32']:.0f} GFLOP/s float32, "
-                  f"{r['bfloat16']:.0f} bfloat16 for a small product)", file=sys.stderr)
+                  f"{r['bfloat16']:.1f} bfloat16 for a small product)", file=sys.stderr)
     if a.quant:
         from .release import run
 

@@ -8,9 +8,9 @@ slower than float32 (measured on a 2-core AMD EPYC with AVX2 only: 1.9 vs 84 GFL
 docs/performance.md §9). The packed int8/int4 kernels of quantized weights go the other way there: fast with
 bf16 activations, 30x slower with fp32 ones.
 
-`matmul_rates()` times one small product in each dtype (a few tens of ms, once per process);
-`preferred_dtype()` names the faster; `slow_bf16_note()` is the one-line warning the loader, the trainer and
-the benchmarks give when bf16 dense compute was asked for where it is slow. "host" as a dtype (`resolve_dtype`,
+`matmul_rates()` times one small product in each dtype (once per process); `preferred_dtype()` names the
+faster; `slow_bf16_note()` is the one-line warning the loader and the trainer give when bf16 dense compute
+was asked for where it is slow (`bench` prints its choice and the rates). "host" as a dtype (`resolve_dtype`,
 `--dtype host`) means `preferred_dtype()`.
 """
 
@@ -24,7 +24,7 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
-SHAPE = (64, 256, 1024)  # [m x k] @ [k x n]: 34 MFLOP, ~20 ms at the slow-bf16 rate of a 2-core AVX2 machine
+SHAPE = (64, 256, 1024)  # [m x k] @ [k x n]: 34 MFLOP; the whole measurement took 0.2 s on a 2-core AVX2 machine
 SLOW = 2.0  # bf16 counts as slow where float32 runs at least this many times its rate
 
 
