@@ -37,3 +37,13 @@ def running_server(model_dir, **settings):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def idle(runner, seconds: float = 10.0) -> bool:
+    """Whether the server's runner has no request in flight and its engine no work, waiting up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while runner.in_flight or runner.engine.has_work():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -24,7 +24,7 @@ def rates(monkeypatch):
 def test_the_measured_rates_are_real_and_the_choice_follows_them():
     r = host.matmul_rates()
     assert set(r) == {"float32", "bfloat16"} and all(v > 0 for v in r.values())
-    want = torch.float32 if r["float32"] > 1.1 * r["bfloat16"] else torch.bfloat16
+    want = torch.float32 if r["float32"] > host.TIE * r["bfloat16"] else torch.bfloat16
     assert host.preferred_dtype() == want
     assert (host.slow_bf16_note() is None) == (r["float32"] < host.SLOW * r["bfloat16"])
     assert isinstance(host.cpu_capability(), str) and host.cpu_capability()

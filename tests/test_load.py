@@ -5,13 +5,12 @@ the server's memory and engine state come back to their starting level afterward
 import asyncio
 import gc
 import logging
-import time
 
 import pytest
 
 from diffusiongemma.bench.load import load_test
 from diffusiongemma.bench.memory import rss_bytes
-from server_utils import running_server
+from server_utils import idle, running_server
 
 
 def test_sixteen_streaming_clients(shipped_or_tiny_model_dir, caplog):
@@ -44,10 +43,7 @@ def test_thirty_two_clients_with_faults(shipped_or_tiny_model_dir, caplog):
         before = rss_bytes()
         res = asyncio.run(load_test(url, clients=32, requests=96, max_tokens=24, faults=0.3, seed=2))
         runner = app.state.runner
-        for _ in range(200):
-            if runner.in_flight == 0 and not runner.engine.has_work():
-                break
-            time.sleep(0.02)
+        idle(runner, seconds=4)  # the assertion below says whether it got there
         gc.collect()
         after = rss_bytes()
         assert res["server_errors"] == 0 and res["errors"] == 0, res["error_bodies"]

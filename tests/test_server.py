@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server_utils import running_server
+from server_utils import idle, running_server
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,7 @@ def test_disconnect_cancels_and_frees(server):
             "stop": [], "max_denoising_steps": 48}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
-    for _ in range(200):
-        if runner.in_flight == 0 and not runner.engine.has_work():
-            break
-        time.sleep(0.05)
-    assert runner.in_flight == 0 and not runner.engine.has_work()
+    assert idle(runner)
 
 
 def test_too_many_in_flight_is_a_429_with_retry_after(server):
@@ -190,11 +186,7 @@ def test_too_many_in_flight_is_a_429_with_retry_after(server):
         done.set()
         for t in threads:
             t.join()
-    for _ in range(200):
-        if runner.in_flight == 0 and not runner.engine.has_work():
-            break
-        time.sleep(0.05)
-    assert runner.in_flight == 0 and not runner.engine.has_work()
+    assert idle(runner)
 
 
 def test_metrics_and_the_request_log(server, client, name, caplog):

@@ -19,6 +19,7 @@ import torch
 from ..config import ConfigError, GenerationConfig, ModelConfig, VisionConfig
 from ..model import DiffusionGemmaText
 from ..parallel import SINGLE, TensorParallel
+from .host import warn_if_slow_bf16
 from .keys import vision_shapes
 from .weights import (
     CheckpointError,
@@ -130,9 +131,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig(
         eos_token_id=config.eos_token_id or config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
     dtype = resolve_dtype(dtype, config)
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and config.quantization is None:
-        from .host import warn_if_slow_bf16  # a CPU without bf16 kernels: say so once, with the measured rates
-
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and config.quantization is None:  # said once
         warn_if_slow_bf16(f"loading {path.name} in bfloat16")
     files = WeightFiles(path)
     vision_keys = check_vision(files, config)

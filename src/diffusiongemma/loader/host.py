@@ -26,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 SHAPE = (64, 256, 1024)  # [m x k] @ [k x n]: 34 MFLOP; the whole measurement took 0.2 s on a 2-core AVX2 machine
 SLOW = 2.0  # bf16 counts as slow where float32 runs at least this many times its rate
+TIE = 1.1  # within this factor the two count as equal, and bf16 (half the memory) is preferred
 
 
 def cpu_capability() -> str:
@@ -58,7 +59,7 @@ def matmul_rates(shape: tuple[int, int, int] = SHAPE, repeats: int = 5) -> dict[
 def preferred_dtype() -> torch.dtype:
     """float32 or bfloat16, whichever this CPU multiplies faster (bf16 on a tie: half the memory)."""
     r = matmul_rates()
-    return torch.float32 if r["float32"] > r["bfloat16"] * 1.1 else torch.bfloat16
+    return torch.float32 if r["float32"] > r["bfloat16"] * TIE else torch.bfloat16
 
 
 def slow_bf16_note() -> str | None:
